@@ -1,0 +1,169 @@
+"""The U-Net against diffusers' UNet2DConditionModel on the same random weights."""
+
+import pytest
+import torch
+
+from sdbatch.model.unet import (
+    UNetConfig,
+    UNetModel,
+    infer_unet_config,
+    unet_config_from_diffusers,
+    unet_state_dict_from_diffusers,
+)
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64, 64),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=128,
+    norm_num_groups=32,
+)
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Every parameter random (norms and zero-initialised layers too) at scales that keep activations sane."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim >= 2:
+                p.copy_(noise / p[0].numel() ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1.0)).item()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """(diffusers model, its config dict, the converted LDM-layout state dict)."""
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(**TINY_UNET).eval()
+    randomize(ref)
+    return ref, dict(ref.config), unet_state_dict_from_diffusers(ref.state_dict())
+
+
+@pytest.fixture(scope="module")
+def ours(reference):
+    _, config, sd = reference
+    model = UNetModel(unet_config_from_diffusers(config)).eval()
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def inputs(batch: int, h: int, w: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, h, w, generator=g), torch.randn(batch, 77, TINY_UNET["cross_attention_dim"], generator=g)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (8, 16)])
+@pytest.mark.parametrize("timesteps", [[1, 999], [500, 500], [250.5, 0.0]])
+def test_matches_diffusers(reference, ours, shape, timesteps):
+    ref = reference[0]
+    x, context = inputs(2, *shape)
+    t = torch.tensor(timesteps)
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=context).sample
+        got = ours(x, t, context)
+    assert got.shape == expected.shape
+    assert expected.std() > 0.1  # the comparison means something
+    assert max_rel_diff(got, expected) <= 1e-4
+
+
+def test_scalar_timestep_broadcasts(ours):
+    x, context = inputs(2, 8, 8)
+    with torch.no_grad():
+        batched = ours(x, torch.tensor([300, 300]), context)
+        assert torch.equal(ours(x, 300, context), batched)
+        assert torch.equal(ours(x, torch.tensor(300.0), context), batched)
+
+
+def test_config_inferred_from_shapes(reference):
+    _, config, sd = reference
+    expected = unet_config_from_diffusers(config)
+    assert expected == UNetConfig(
+        model_channels=32, channel_mult=(1, 2, 2, 2), attention_levels=(0, 1, 2), context_dim=128
+    )
+    assert infer_unet_config(sd) == expected
+
+
+def test_state_dict_keys_are_ldm_and_complete(reference, ours):
+    _, _, sd = reference
+    assert set(sd) == set(ours.state_dict())
+    assert "input_blocks.3.0.op.weight" in sd and "output_blocks.2.1.conv.weight" in sd
+    assert "output_blocks.5.2.conv.weight" in sd and "middle_block.1.transformer_blocks.0.ff.net.2.weight" in sd
+
+
+def test_mis_mapped_weight_changes_output(reference, ours):
+    _, config, sd = reference
+    swapped = dict(sd)
+    a, b = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", "input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight"
+    swapped[a], swapped[b] = sd[b], sd[a]
+    wrong = UNetModel(unet_config_from_diffusers(config)).eval()
+    wrong.load_state_dict(swapped, strict=True)
+    x, context = inputs(2, 8, 8)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        assert max_rel_diff(wrong(x, t, context), ours(x, t, context)) > 1e-3
+
+
+def test_bf16_close_to_fp32(ours, reference):
+    _, config, sd = reference
+    model = UNetModel(unet_config_from_diffusers(config)).eval()
+    model.load_state_dict(sd)
+    model.to(torch.bfloat16)
+    x, context = inputs(2, 8, 8)
+    t = torch.tensor([20, 800])
+    with torch.no_grad():
+        expected = ours(x, t, context)
+        got = model(x, t, context)
+    assert got.dtype == torch.float32  # the output comes back in the input's dtype
+    assert max_rel_diff(got, expected) < 0.05
+
+
+def test_full_size_sd15_counts():
+    with torch.device("meta"):
+        model = UNetModel(UNetConfig())
+    sd = model.state_dict()
+    assert len(sd) == 686
+    assert sum(p.numel() for p in model.parameters()) == 859_520_964
+    assert infer_unet_config(sd) == UNetConfig()
+    assert "time_embed.2.weight" in sd and "out.2.bias" in sd
+
+
+def test_diffusers_single_file_loader_reads_our_keys(tmp_path, reference, ours):
+    """diffusers' own LDM-checkpoint converter loads a file written from our state dict."""
+    from safetensors.torch import save_file
+
+    ref, config, _ = reference
+    ref.save_config(tmp_path / "unet")
+    path = tmp_path / "model.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in ours.state_dict().items()}, str(path))
+    loaded = diffusers.UNet2DConditionModel.from_single_file(
+        str(path), config=str(tmp_path), subfolder="unet", local_files_only=True
+    ).eval()
+    x, context = inputs(2, 8, 8)
+    t = torch.tensor([5, 640])
+    with torch.no_grad():
+        assert max_rel_diff(loaded(x, t, encoder_hidden_states=context).sample, ours(x, t, context)) <= 1e-4
+
+
+def test_bad_inputs_get_clear_errors(reference):
+    _, config, sd = reference
+    with pytest.raises(ValueError, match="input_blocks.0.0.weight"):
+        infer_unet_config({k: v for k, v in sd.items() if k != "input_blocks.0.0.weight"})
+    with pytest.raises(ValueError, match="use_linear_projection"):
+        unet_config_from_diffusers({**config, "use_linear_projection": True})
+    with pytest.raises(ValueError, match="bogus.weight"):
+        unet_state_dict_from_diffusers({**reference[0].state_dict(), "bogus.weight": torch.zeros(1)})
