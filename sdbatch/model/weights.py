@@ -1,0 +1,503 @@
+"""Checkpoint files -> a ready Stable Diffusion v1.x model.
+
+Reads original single-file checkpoints (CompVis/LDM layout, `.safetensors` or `.ckpt`) and
+diffusers folders, from a local path or any fsspec URI (remote files are copied once into a
+local cache shared by the processes of a node). Diffusers weights are renamed to the LDM keys,
+the model is built on the meta device and the tensors are assigned into it, so loading never
+holds two copies of the weights.
+"""
+
+import functools
+import hashlib
+import json
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import fsspec
+import torch
+from filelock import FileLock
+from torch import nn
+
+from .clip import CLIPConfig, CLIPTextEncoder, clip_config_from_diffusers, clip_state_dict_from_diffusers, infer_clip_config
+from .tokenizer import Tokenizer
+from .unet import UNetConfig, UNetModel, infer_unet_config, unet_config_from_diffusers, unet_state_dict_from_diffusers
+from .vae import AutoencoderKL, VAEConfig, infer_vae_config, vae_config_from_diffusers, vae_state_dict_from_diffusers
+
+LATENT_SCALE = 0.18215
+
+# component -> (key prefix in a single-file checkpoint, diffusers sub-folder)
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.",
+}
+# Keys real single-file checkpoints carry that nothing uses: LDM's noise-schedule buffers,
+# the EMA bookkeeping, and CLIP's position ids (sometimes stored as floats; we use arange).
+IGNORED_KEYS = frozenset(
+    [
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+        "model_ema.decay",
+        "model_ema.num_updates",
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    ]
+)
+EMA_PREFIX = "model_ema."
+# VAE parts kept in float32 in a float16 model: the decoder overflows in float16
+FP32_IN_FP16 = ("decoder.", "post_quant_conv.")
+# diffusers folder: component -> (builder of our config, renamer to LDM keys, weight file stems)
+DIFFUSERS_COMPONENTS = {
+    "unet": (unet_config_from_diffusers, unet_state_dict_from_diffusers, "diffusion_pytorch_model"),
+    "vae": (vae_config_from_diffusers, vae_state_dict_from_diffusers, "diffusion_pytorch_model"),
+    "text_encoder": (clip_config_from_diffusers, clip_state_dict_from_diffusers, "model", "pytorch_model"),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or is not an SD v1.x model; the message names the file."""
+
+
+@dataclass
+class ModelConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: CLIPConfig = field(default_factory=CLIPConfig)
+    latent_scale: float = LATENT_SCALE
+
+
+class StableDiffusion(nn.Module):
+    """The three networks, the tokenizer and the hyper-parameters of one SD v1.x model.
+
+    `vae.decode` runs the decoder in float32 when the model is float16 (it overflows in
+    float16); `load_model` sets that up, so convert dtypes by reloading rather than `.half()`.
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None, files: tuple[Path, ...] = ()):
+        super().__init__()
+        self.config = config
+        self.text_encoder = CLIPTextEncoder(config.text_encoder)
+        self.unet = UNetModel(config.unet)
+        self.vae = AutoencoderKL(config.vae)
+        self.tokenize = tokenizer or Tokenizer()
+        self._files = files
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.out[2].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.out[2].weight.dtype
+
+    @functools.cached_property
+    def hash(self) -> str:
+        """sha256 of the checkpoint file (of a diffusers folder's weight files, in a fixed order)."""
+        return _sha256_files(self._files)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading files
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file with plain reads into fresh tensors.
+
+    Unlike a memory map (which stays resident while it is open), this holds each byte once,
+    which keeps peak memory at the size of the weights.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+            entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: truncated: the header lists {8 + n + end} bytes, the file has {size}")
+        out = {}
+        for name, info in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            begin, stop = info["data_offsets"]
+            buf = torch.empty(stop - begin, dtype=torch.uint8)
+            f.seek(8 + n + begin)
+            if f.readinto(buf.numpy()) != stop - begin:
+                raise CheckpointError(f"{path}: truncated while reading tensor {name!r}")
+            out[name] = buf.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return out
+
+
+def read_torch(path: Path) -> dict[str, torch.Tensor]:
+    """Read a .ckpt/.pt/.bin file safely: only tensors and plain containers are unpickled.
+
+    Memory-mapped where the file format allows, so tensors a caller never touches (the
+    non-EMA U-Net of a full checkpoint) cost no memory.
+    """
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":  # neither torch's zip format nor a legacy pickle
+                raise CheckpointError(f"{path}: not a PyTorch checkpoint (truncated or corrupt: no zip directory)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds Python objects other than tensors, which could run "
+            f"code when unpickled (nothing was executed). Use a .safetensors version of this model or "
+            f"re-save it from a trusted environment. Details: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a state dict (the file holds a {type(obj).__name__})")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file by extension: .safetensors, anything else is a torch checkpoint."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    return read_safetensors(path) if path.suffix == ".safetensors" else read_torch(path)
+
+
+def _sha256_files(files: tuple[Path, ...]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# single-file checkpoints and diffusers folders -> LDM state dicts per component
+
+
+def _listing(keys, limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def split_checkpoint(sd: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """One LDM-layout state dict -> {component: state dict below its prefix}.
+
+    A full checkpoint's EMA weights (`model_ema.<U-Net key without dots>`) replace the U-Net's.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
+    ema, unexpected = {}, []
+    for key in list(sd):
+        value = sd.pop(key)
+        if key in IGNORED_KEYS:
+            continue
+        if key.startswith(EMA_PREFIX):
+            ema[key[len(EMA_PREFIX) :]] = value
+            continue
+        for name, prefix in PREFIXES.items():
+            if key.startswith(prefix):
+                parts[name][key[len(prefix) :]] = value
+                break
+        else:
+            unexpected.append(key)
+    missing = [PREFIXES[name] + "*" for name, part in parts.items() if not part]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a Stable Diffusion v1.x checkpoint: no keys under {', '.join(missing)}"
+            + (f" (it has: {_listing(unexpected, 8)})" if unexpected else "")
+        )
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected keys: {_listing(unexpected)}")
+    parts["text_encoder"] = clip_state_dict_from_diffusers(parts["text_encoder"])  # old layouts lack text_model.
+    if ema:
+        unet = parts["unet"]
+        flat = {("diffusion_model." + k).replace(".", ""): k for k in unet}
+        if set(ema) != set(flat):
+            raise CheckpointError(
+                f"{path}: the EMA weights (model_ema.*) do not match the U-Net's: "
+                f"missing {_listing(set(flat) - set(ema))}; unexpected {_listing(set(ema) - set(flat))}"
+            )
+        parts["unet"] = {k: ema[f] for f, k in flat.items()}
+    return parts
+
+
+def _diffusers_weight_file(folder: Path, stems: tuple[str, ...]) -> Path:
+    for suffix in (".safetensors", ".bin", ".fp16.safetensors", ".fp16.bin"):
+        for stem in stems:
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    raise CheckpointError(f"{folder}: no weights file ({', '.join(s + '.safetensors' for s in stems)})")
+
+
+def read_diffusers_folder(folder: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], list[Path]]:
+    """A diffusers folder -> ({component: config.json dict}, {component: LDM state dict}, weight files)."""
+    configs, parts, files = {}, {}, []
+    for name, (_, to_ldm, *stems) in DIFFUSERS_COMPONENTS.items():
+        sub = folder / name
+        try:
+            configs[name] = json.loads((sub / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{sub / 'config.json'}: cannot read the {name} config: {e}") from None
+        weights = _diffusers_weight_file(sub, tuple(stems))
+        try:
+            parts[name] = to_ldm(read_weights(weights))
+        except (ValueError, KeyError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{weights}: not a diffusers SD v1.x {name}: {e}") from None
+        files.append(weights)
+    return configs, parts, files
+
+
+def ldm_state_dict(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{component: state dict} -> one single-file LDM-layout state dict."""
+    return {PREFIXES[name] + k: v for name, part in parts.items() for k, v in part.items()}
+
+
+def save_checkpoint(sd: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write an LDM-layout state dict as .safetensors, or as a `{"state_dict": ...}` .ckpt.
+
+    The safetensors writer streams each tensor's bytes (no second copy of the weights).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        torch.save({"state_dict": sd}, path)
+        return
+    names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for key, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in sd.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+# ---------------------------------------------------------------------------------------------
+# sources: local paths and fsspec URIs
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SDBATCH_CACHE") or Path.home() / ".cache" / "sdbatch")
+
+
+def localize(source: str | os.PathLike, storage_options: dict | None = None) -> Path:
+    """A local path for `source`; a remote file or folder is copied once into `cache_dir()`.
+
+    The copy is made under a file lock, into a temporary name then renamed, so processes
+    sharing a node (and cache) download once and never see a partial file.
+    """
+    source = str(source)
+    protocol, _, rest = source.partition("://")
+    if not rest or protocol in ("file", "local"):
+        return Path(rest or source).expanduser()
+    fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{source}: not found") from None
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    key = hashlib.sha256(f"{source}|{info.get('size')}|{version}".encode()).hexdigest()[:16]
+    target = cache_dir() / key / Path(path.rstrip("/")).name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / ".lock")):
+        if not target.exists():
+            partial = target.with_name(target.name + ".partial")
+            if info["type"] == "directory":
+                fs.get(path.rstrip("/") + "/", str(partial), recursive=True)
+            else:
+                from fsspec.callbacks import TqdmCallback
+
+                fs.get_file(path, str(partial), callback=TqdmCallback(tqdm_kwargs={"desc": f"download {source}", "unit": "B", "unit_scale": True}))
+            os.replace(partial, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _auto_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def _auto_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and _cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _read_source(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], ModelConfig, Tokenizer, tuple[Path, ...]]:
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CheckpointError(f"{path}: a folder without model_index.json is not a diffusers model")
+        configs, parts, files = read_diffusers_folder(path)
+        try:
+            config = ModelConfig(
+                **{name: DIFFUSERS_COMPONENTS[name][0](cfg) for name, cfg in configs.items()},
+                latent_scale=configs["vae"].get("scaling_factor", LATENT_SCALE),
+            )
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: unsupported diffusers config: {e}") from None
+        tokenizer = Tokenizer(path / "tokenizer") if (path / "tokenizer" / "vocab.json").is_file() else Tokenizer()
+        return parts, config, tokenizer, tuple(files)
+    parts = split_checkpoint(read_weights(path), path)
+    try:
+        config = ModelConfig(
+            unet=infer_unet_config(parts["unet"]),
+            vae=infer_vae_config(parts["vae"]),
+            text_encoder=infer_clip_config(parts["text_encoder"]),
+        )
+    except (ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(f"{path}: cannot infer the model's shape (not an SD v1.x checkpoint?): {e}") from None
+    return parts, config, Tokenizer(), (path,)
+
+
+def _load_component(module: nn.Module, sd: dict[str, torch.Tensor], name: str, path: Path, cast: Callable) -> None:
+    expected = module.state_dict()
+    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: {name} keys do not match SD v1.x:"
+            + (f" missing {_listing(missing)};" if missing else "")
+            + (f" unexpected {_listing(unexpected)}" if unexpected else "")
+        )
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{path}: {name} tensor shapes do not match the inferred config: {_listing(wrong, 5)}")
+    module.load_state_dict({k: cast(k, sd.pop(k)) for k in list(sd)}, assign=True)
+
+
+def load_model(
+    source: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    storage_options: dict | None = None,
+) -> StableDiffusion:
+    """Load an SD v1.x model from a single-file checkpoint or a diffusers folder.
+
+    source: local path or fsspec URI of a `.safetensors`/`.ckpt` (LDM layout) or a diffusers
+    folder. device="auto" picks CUDA, then MPS, then CPU; dtype="auto" picks float16 on CUDA,
+    bfloat16 on CPUs with AMX or AVX512-BF16, float32 otherwise. storage_options go to fsspec.
+    """
+    device = _auto_device() if device == "auto" else torch.device(device)
+    dtype = _auto_dtype(device) if dtype == "auto" else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype or 'auto', not {dtype!r}")
+    path = localize(source, storage_options)
+    if not path.exists():
+        raise CheckpointError(f"{source}: no such file or folder")
+    parts, config, tokenizer, files = _read_source(path)
+
+    with torch.device("meta"):
+        model = StableDiffusion(config, tokenizer, files)
+    for name in PREFIXES:
+
+        def to(key: str, t: torch.Tensor, name: str = name) -> torch.Tensor:
+            if not t.is_floating_point():
+                return t.to(device)
+            wide = dtype == torch.float16 and name == "vae" and key.startswith(FP32_IN_FP16)
+            return t.to(device, torch.float32 if wide else dtype)
+
+        _load_component(getattr(model, name), parts[name], name, path, to)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# random weights (tests, smoke tests)
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter random values at scales that keep activations sane.
+
+    Layers that are usually zero-initialised (output convs, norms) get non-trivial values
+    too, so a parameter loaded into the wrong place changes the output.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim == 1 and name.endswith("weight"):  # norm scales
+                value = 1.0 + 0.1 * noise
+            elif p.ndim == 1:  # biases
+                value = 0.1 * noise
+            else:
+                value = noise / p[0].numel() ** 0.5
+            p.copy_(value)
+    return module
+
+
+TINY_CONFIG = ModelConfig(
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), context_dim=128),
+    vae=VAEConfig(block_out_channels=(32, 32, 64, 64)),
+    text_encoder=CLIPConfig(width=128, layers=2, heads=2, mlp_width=256),
+)
+
+
+def save_random_checkpoint(path: str | Path, seed: int = 0, config: ModelConfig = TINY_CONFIG) -> Path:
+    """Write a random-weight SD v1.x checkpoint in the LDM layout (.safetensors or .ckpt).
+
+    The default config is tiny (a few MB) but has SD v1.x's structure, so the whole pipeline
+    runs on it; `ModelConfig()` gives the full SD1.5 size.
+    """
+    model = randomize_(StableDiffusion(config), seed)
+    parts = {name: getattr(model, name).state_dict() for name in PREFIXES}
+    save_checkpoint(ldm_state_dict(parts), path)
+    return Path(path)
