@@ -1,6 +1,6 @@
 """Derive the CLIP tokenizer files shipped in sdbatch/model/vocab/ from OpenAI's BPE file.
 
-Usage: python scripts/make_vocab.py [path/to/bpe_simple_vocab_16e6.txt.gz]
+Usage: python scripts/make_vocab.py [path/to/bpe_simple_vocab_16e6.txt.gz [output folder]]
 
 The SD v1.x tokenizer keeps the first 49152 - 256 - 2 merges; its vocabulary is the 256
 byte symbols, the same with "</w>", each merge joined, then the two special tokens.
@@ -24,7 +24,7 @@ def bytes_to_unicode() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
 
 
-def main(source: Path) -> None:
+def main(source: Path = DEFAULT_SOURCE, out_dir: Path = OUT_DIR) -> None:
     lines = gzip.open(source, "rt", encoding="utf-8").read().split("\n")
     merges = lines[1 : NUM_MERGES + 1]
     symbols = bytes_to_unicode()
@@ -32,10 +32,10 @@ def main(source: Path) -> None:
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
     assert len(vocab) == 49408, len(vocab)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (OUT_DIR / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_SOURCE)
+    main(*(Path(a) for a in sys.argv[1:3]))

@@ -28,7 +28,7 @@ class Tokenizer:
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids = self._tok(list(prompts), add_special_tokens=True)["input_ids"]
+        ids = self._tok(list(prompts), add_special_tokens=True)["input_ids"] if prompts else []
         out = torch.full((len(ids), self.length), self._tok.pad_token_id, dtype=torch.long)
         for row, seq in enumerate(ids):
             if len(seq) > self.length:
