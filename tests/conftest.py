@@ -3,6 +3,7 @@ an S3 endpoint on loopback, and the opt-in switch for full-size (slow) tests."""
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -101,6 +102,14 @@ def save_diffusers_folder(components: dict, folder: Path) -> Path:
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
+    # the tokenizer files as SD v1.5's folder has them (transformers 5 would write tokenizer.json)
+    shutil.rmtree(folder / "tokenizer")
+    shutil.copytree(VOCAB_DIR, folder / "tokenizer", ignore=shutil.ignore_patterns("LICENSE"))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>"}
+    special.update(unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    (folder / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(special))
+    config = dict(special, do_lower_case=True, model_max_length=77, tokenizer_class="CLIPTokenizer")
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 
 

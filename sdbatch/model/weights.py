@@ -396,7 +396,8 @@ def _read_source(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], ModelC
             )
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: unsupported diffusers config: {e}") from None
-        tokenizer = Tokenizer(path / "tokenizer") if (path / "tokenizer" / "vocab.json").is_file() else Tokenizer()
+        own = any((path / "tokenizer" / name).is_file() for name in ("vocab.json", "tokenizer.json"))
+        tokenizer = Tokenizer(path / "tokenizer") if own else Tokenizer()
         return parts, config, tokenizer, tuple(files)
     parts = split_checkpoint(read_weights(path), path)
     try:
