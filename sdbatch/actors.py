@@ -1,0 +1,200 @@
+"""Ray actor classes: each loads a model once, then turns batches of table rows into outputs.
+
+Ray Data calls an actor with one batch (a pyarrow Table) at a time and collects what it
+returns. The actors know nothing of the job's plan: `sdbatch.jobs` decides which rows go
+where and writes the manifest from what the actors return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import time
+from typing import Any
+
+from sdbatch import storage
+
+# ----------------------------------------------------------------------------- image generation
+
+# Our sampler names -> the names AUTOMATIC1111 writes in "Sampler: ..." (what SD tools read).
+A1111_SAMPLER_NAMES = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+}
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def safe_name(image_id: str) -> str:
+    """A file name for an id that can never leave its folder.
+
+    Ids made of letters, digits, `_`, `-` and inner `.` (at most 100 characters, not ending
+    in `.`) are used as they are; any other id becomes its safe characters plus the first 16
+    hex digits of its sha256 (`a/../b` -> `a_.._b-<hash>`), so distinct ids stay distinct.
+    """
+    if _SAFE_ID.fullmatch(image_id) and not image_id.endswith("."):
+        return image_id
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", image_id)[:80]
+    return f"{stem}-{hashlib.sha256(image_id.encode()).hexdigest()[:16]}"
+
+
+def _number(x: float) -> str:
+    return f"{x:g}"
+
+
+def a1111_parameters(row: dict[str, Any], model_hash: str) -> str:
+    """The `parameters` text AUTOMATIC1111 writes into its PNGs (and SD tools parse)."""
+    fields = [
+        f"Steps: {row['steps']}",
+        f"Sampler: {A1111_SAMPLER_NAMES.get(row['sampler'], row['sampler'])}",
+        f"CFG scale: {_number(row['cfg_scale'])}",
+        f"Seed: {row['seed']}",
+        f"Size: {row['width']}x{row['height']}",
+        f"Model hash: {model_hash[:10]}",
+    ]
+    if row.get("init_image"):
+        fields.append(f"Denoising strength: {_number(row['strength'])}")
+    return f"{row['prompt']}\nNegative prompt: {row['negative_prompt'] or ''}\n{', '.join(fields)}"
+
+
+def encode_png(image, parameters: str) -> bytes:
+    """uint8 (H, W, 3) -> PNG bytes carrying a `parameters` tEXt chunk (deterministic)."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+class GenerationActor:
+    """Generates whole batches of plan rows and writes their images to `output`/images/.
+
+    Each input row is one batch: a column `rows` holding the JSON list of the batch's plan rows (id, prompt,
+    negative_prompt, seed, steps, cfg_scale, sampler, width, height, init_image, strength,
+    skip), all of one shape. The batch is generated whole; rows marked `skip` (already
+    recorded) are neither written nor returned. Output rows: id, image (URI), sha256,
+    model_hash, seconds, worker, error (null unless the row failed).
+    """
+
+    def __init__(self, model: str, output: str, dtype: str = "auto", device: str = "auto",
+                 threads: int | None = None):
+        import torch
+
+        import sdbatch
+
+        if threads:
+            torch.set_num_threads(threads)
+        dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        self.model = sdbatch.load_model(model, device=device, dtype=dtype)
+        self.fs, self.images = storage.url_to_fs(storage.join(output, "images"))
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        results: list[dict[str, Any]] = []
+        for rows in batch.column("rows").to_pylist():
+            results += self.generate(json.loads(rows))
+        return pa.Table.from_pylist(results, schema=result_schema())
+
+    def generate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import sdbatch
+
+        skipped = {r["id"] for r in rows if r["skip"]}
+        results, init_images = [], None
+        if rows[0]["init_image"] is not None:
+            readable, init_images = [], []
+            for row in rows:
+                try:
+                    init_images.append(self._read_image(row["init_image"]))
+                    readable.append(row)
+                except Exception as exc:
+                    results.append(self._error(
+                        row, f"init_image {row['init_image']!r} could not be read as an image ({exc})."))
+            rows = readable
+        if not rows:
+            return [r for r in results if r["id"] not in skipped]
+        first = rows[0]
+        start = time.perf_counter()
+        # A failure here (out of memory, a bug) is not the row's fault: it fails the task, so
+        # the job stops with the error and a re-run retries these rows.
+        images = sdbatch.generate(
+            self.model, [r["prompt"] for r in rows], [r["negative_prompt"] for r in rows],
+            seeds=[r["seed"] for r in rows], steps=first["steps"], cfg_scale=first["cfg_scale"],
+            sampler=first["sampler"], width=first["width"], height=first["height"],
+            init_images=init_images, strength=first["strength"], progress=False)
+        seconds = (time.perf_counter() - start) / len(rows)
+        for row, image in zip(rows, images):
+            if row["skip"]:
+                continue
+            png = encode_png(image, a1111_parameters(row, self.model.hash))
+            path = storage.join(self.images, safe_name(row["id"]) + ".png")
+            storage.write_bytes(self.fs, path, png)
+            results.append(dict(id=row["id"], image=storage.to_uri(self.fs, path),
+                                sha256=hashlib.sha256(png).hexdigest(), model_hash=self.model.hash,
+                                seconds=seconds, worker=self.worker, error=None))
+        return [r for r in results if r["id"] not in skipped]
+
+    def _read_image(self, uri: str):
+        from PIL import Image
+
+        fs, path = storage.url_to_fs(uri)
+        with Image.open(io.BytesIO(storage.read_bytes(fs, path))) as im:
+            return im.convert("RGB")
+
+    def _error(self, row: dict[str, Any], message: str) -> dict[str, Any]:
+        return dict(id=row["id"], image=None, sha256=None, model_hash=self.model.hash, seconds=None,
+                    worker=self.worker, error=message)
+
+
+def result_schema():
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("image", pa.string()), ("sha256", pa.string()),
+                      ("model_hash", pa.string()), ("seconds", pa.float64()),
+                      ("worker", pa.string()), ("error", pa.string())])
+
+
+# ----------------------------------------------------------------------------- quality metrics
+
+
+class InceptionFeatureActor:
+    """Turns shards of stored images into FID/IS/KID inputs with torch-fidelity's InceptionV3.
+
+    `state_dict`: the Inception weights, loaded (weights_only) once on the driver and shared
+    through the object store. See `sdbatch.metrics.extract_shard` for what a shard returns.
+    """
+
+    def __init__(self, state_dict: dict, threads: int | None = None, batch_size: int = 32):
+        import torch
+
+        from sdbatch.metrics import build_inception
+
+        if threads:
+            torch.set_num_threads(threads)
+        # TF32 would move the features away from the reference numbers.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = build_inception(state_dict, self._device)
+        self.batch_size = batch_size
+
+    def device(self) -> str:
+        import torch
+
+        return torch.cuda.get_device_name() if self._device == "cuda" else "cpu"
+
+    def extract(self, index: int, spec: tuple, keep_features: bool, keep_logits: bool) -> dict[str, Any]:
+        from sdbatch.metrics import extract_shard
+
+        return dict(extract_shard(self.model, spec, self.batch_size, keep_features, keep_logits), index=index)
