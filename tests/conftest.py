@@ -38,6 +38,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tests never read or write the user's ~/.cache/sdbatch."""
+    saved = os.environ.get("SDBATCH_CACHE")
+    os.environ["SDBATCH_CACHE"] = str(tmp_path_factory.mktemp("sdbatch-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("SDBATCH_CACHE", None)
+    else:
+        os.environ["SDBATCH_CACHE"] = saved
+
+
 def diffusers_components(scale: str = "tiny", seed: int = 0) -> dict:
     """Randomised diffusers UNet2DConditionModel, AutoencoderKL and transformers CLIPTextModel.
 

@@ -228,6 +228,18 @@ def test_hash(tiny_safetensors, tiny_ckpt, tiny_diffusers_dir, reference):
     assert sdbatch.load_model(tiny_diffusers_dir).hash == hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
+def test_hash_is_remembered_per_file_version(tiny_safetensors, tmp_path):
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(tiny_safetensors, copy)
+    first = sdbatch.load_model(copy).hash
+    assert sdbatch.load_model(copy).hash == first
+    sd = read_safetensors(copy)
+    sd["first_stage_model.decoder.conv_out.bias"] += 1
+    save_checkpoint(sd, copy)
+    changed = sdbatch.load_model(copy).hash
+    assert changed != first and changed == hashlib.sha256(copy.read_bytes()).hexdigest()
+
+
 def test_safetensors_reader_matches_the_library(tiny_safetensors):
     from safetensors.torch import load_file
 

@@ -201,11 +201,23 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _sha256_files(files: tuple[Path, ...]) -> str:
+    """sha256 of the files' bytes in order; remembered in the cache dir per (path, size, mtime)."""
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    memo = cache_dir() / "sha256" / hashlib.sha256(repr(stats).encode()).hexdigest()
+    if memo.is_file():
+        return memo.read_text().strip()
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        partial = memo.with_name(f"{memo.name}.{os.getpid()}")
+        partial.write_text(digest.hexdigest())
+        os.replace(partial, memo)
+    except OSError:
+        pass  # a read-only cache only costs recomputing
     return digest.hexdigest()
 
 
