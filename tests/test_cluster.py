@@ -2,7 +2,16 @@
 AWS account (moto server on loopback): no real cloud is contacted."""
 
 import copy
+import json
+import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 import tomllib
 from pathlib import Path
 
@@ -144,3 +153,145 @@ def test_cluster_yaml_bootstraps_on_simulated_aws(s3_endpoint, monkeypatch, tmp_
         node_config = node_type["node_config"]
         assert node_config["SubnetIds"] and node_config["SecurityGroupIds"] and node_config["KeyName"], name
     assert Path(resolved["auth"]["ssh_private_key"]).is_file()
+
+
+# ----------------------------------------------------------------------------- autoscaling, locally
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalAutoscalingCluster:
+    """A Ray head whose autoscaler adds and removes worker nodes on this machine.
+
+    The provider is Ray's fake multi-node one, as in `ray.cluster_utils.AutoscalingCluster`;
+    that class can't be used as is: its config template is missing from the 2.60 wheel, and it
+    runs `ray stop --force`, which ends every Ray process on the host. This head gets its own
+    ports and temp dir, runs in its own process group, and stopping it signals only that group
+    (the fake worker nodes are started by its autoscaler, inside the group).
+    """
+
+    def __init__(self, head_cpus: int, worker_node_types: dict, idle_timeout_minutes: float, tmp: Path):
+        self.head_cpus = head_cpus
+        self.tmp = tmp
+        ip = ray._private.services.get_node_ip_address()
+        self.address = f"{ip}:{free_port()}"
+        self.config = {
+            "cluster_name": "sdbatch-autoscaler-test",
+            "max_workers": sum(t["max_workers"] for t in worker_node_types.values()),
+            "provider": {"type": "fake_multinode", "gcs_address": self.address, "use_node_id_as_ip": True,
+                         "disable_node_updaters": True, "disable_launch_config_check": True},
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": head_cpus, "GPU": 0}, "node_config": {}, "max_workers": 0},
+                **worker_node_types,
+            },
+            "head_node_type": "ray.head.default",
+            "auth": {}, "docker": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": idle_timeout_minutes,
+            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+            "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+            "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+        }
+        self.env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled")
+        self.env.pop("RAY_ADDRESS", None)
+        self.process = None
+
+    def __enter__(self):
+        config = self.tmp / "autoscaling.json"
+        config.write_text(json.dumps(self.config))
+        # a short temp dir: Ray's unix socket paths must stay under ~107 characters
+        self.temp_dir = tempfile.mkdtemp(prefix="sdb-as-")
+        self.log = open(self.tmp / "head.log", "w")
+        port = self.address.rsplit(":", 1)[1]
+        self.process = subprocess.Popen(
+            ["ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={self.head_cpus}", "--num-gpus=0",
+             f"--autoscaling-config={config}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
+             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--object-store-memory={200 * 2**20}"],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            executable=str(Path(sys.executable).parent / "ray"))
+        self.wait_for(lambda: self.alive_nodes(), 60, "the head node to start")
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+        finally:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.log.close()
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def alive_nodes(self) -> list[dict[str, float]]:
+        """Total resources of each alive node, read from the cluster's GCS."""
+        from ray._raylet import GcsClient
+        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the head exited; see {self.tmp / 'head.log'}")
+        try:
+            nodes = GcsClient(address=self.address).get_all_node_info(timeout=5)
+        except Exception:  # GCS not up yet
+            return []
+        return [dict(n.resources_total) for n in nodes.values() if n.state == GcsNodeInfo.ALIVE]
+
+    def gpu_nodes(self) -> int:
+        return sum(1 for n in self.alive_nodes() if n.get("GPU", 0) > 0)
+
+    def wait_for(self, condition, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+            time.sleep(0.5)
+
+
+@pytest.mark.autoscaler
+@pytest.mark.timeout(300)
+def test_job_grows_a_cluster_from_zero_gpu_nodes_and_it_shrinks_back(tiny_safetensors, tmp_path):
+    """`--workers auto` on a cluster with no GPU node yet: the job's GPU actors make the
+    autoscaler add GPU nodes up to the node type's max (logical GPUs: the model runs on CPU),
+    every row is generated once, and the nodes are removed once idle."""
+    import pyarrow.parquet as pq
+
+    # the sweep example: 48 rows of 25 steps keep one actor busy long enough for the pool to grow
+    prompts = tmp_path / "sweep.parquet"
+    subprocess.run([sys.executable, str(ROOT / "jobs/sweep/expand.py"), str(ROOT / "jobs/sweep/spec.yaml"),
+                    str(prompts)], check=True, capture_output=True)
+    gpu_node = {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": 150 * 2**20},
+                "node_config": {}, "min_workers": 0, "max_workers": 2}
+    with LocalAutoscalingCluster(2, {"gpu.fake": gpu_node}, idle_timeout_minutes=0.2, tmp=tmp_path) as cluster:
+        assert cluster.gpu_nodes() == 0
+        out = tmp_path / "out"
+        job = subprocess.Popen(
+            [sys.executable, "-m", "sdbatch.jobs", "run", str(prompts), "--model", str(tiny_safetensors),
+             "--output", str(out), "--workers", "auto", "--gpus-per-worker", "1", "--width", "64",
+             "--height", "64", "--batch-size", "2", "--address", cluster.address],
+            env=cluster.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        most_gpu_nodes = 0
+        while job.poll() is None:
+            most_gpu_nodes = max(most_gpu_nodes, cluster.gpu_nodes())
+            time.sleep(0.5)
+        log = job.stdout.read()
+        assert job.returncode == 0, log
+        assert most_gpu_nodes == gpu_node["max_workers"], f"GPU nodes never exceeded {most_gpu_nodes}\n{log}"
+
+        manifest = pq.read_table(out / "manifest").to_pylist()
+        ids = [r["id"] for r in manifest]
+        assert len(ids) == len(set(ids)), "a row was recorded twice"
+        assert set(ids) == set(pq.read_table(prompts).column("id").to_pylist())
+        assert all(Path(r["image"].removeprefix("file://")).is_file() for r in manifest)
+        assert len({r["worker"] for r in manifest}) == gpu_node["max_workers"]
+
+        cluster.wait_for(lambda: cluster.gpu_nodes() == 0, 120, "the idle GPU nodes to be removed")
