@@ -145,3 +145,35 @@ def test_sweep_spec_errors_name_the_key(change, message):
     change(spec)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         expand.expand(spec)
+
+
+def test_coco_reference_images_are_center_cropped_and_resized(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    captions = synthetic_captions(8)
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    images = tmp_path / "val2014"
+    images.mkdir()
+    for image in captions["images"]:
+        # 60x30: red | green (the centered 30x30 square) | blue
+        pixels = np.zeros((30, 60, 3), np.uint8)
+        pixels[:, :15, 0] = pixels[:, 15:45, 1] = pixels[:, 45:, 2] = 255
+        Image.fromarray(pixels).save(images / image["file_name"], quality=95)
+    cmd = [sys.executable, str(ROOT / "jobs/coco30k/build_table.py"), str(tmp_path / "captions.json"),
+           str(tmp_path / "t.parquet"), "--num-images", "3", "--reference-images", str(images),
+           "--reference-out", str(tmp_path / "ref"), "--reference-size", "16"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    ids = pq.read_table(tmp_path / "t.parquet").column("id").to_pylist()
+    assert sorted(p.name for p in (tmp_path / "ref").iterdir()) == sorted(f"{i}.png" for i in ids)
+    for i in ids:
+        ref = np.asarray(Image.open(tmp_path / "ref" / f"{i}.png"))
+        assert ref.shape == (16, 16, 3)
+        inner = ref[:, 2:-2]  # JPEG's chroma subsampling bleeds a pixel across the band edges
+        assert inner[..., 1].min() > 200 and inner[..., [0, 2]].max() < 60, "not the center square"
+
+    # a missing image names its row; images already written are kept
+    (images / captions["images"][1]["file_name"]).unlink()
+    (tmp_path / "ref" / "coco-1001.png").unlink()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2 and "row coco-1001: cannot read" in proc.stderr
