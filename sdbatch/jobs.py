@@ -353,9 +353,10 @@ class Progress:
     """`rows done/total | images/s | ETA` on stderr: redrawn on a terminal, a line every 10 s
     in a log (as under `ray job submit`)."""
 
-    def __init__(self, total: int, done: int, stream=sys.stderr):
+    def __init__(self, total: int, done: int, stream=None):
         self.total, self.done, self.errors, self.new = total, done, 0, 0
-        self.stream, self.tty = stream, stream.isatty()
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.start = self.last = time.monotonic()
         self.show(force=True)
 
