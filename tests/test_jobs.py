@@ -242,3 +242,58 @@ def test_overwrite_replaces_outputs_made_with_other_settings(reference, tiny_saf
     assert sorted(m["seed"]) == sorted(jobs.derive_seed(5, i) for i in m["id"])
     assert sorted(m["id"]) == ["00000000", "00000001"]
     assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 5
+
+
+# ----------------------------------------------------------------------------- S3 and ray job submit
+
+
+def test_table_model_and_outputs_on_s3(ray_head, tiny_safetensors, tmp_path, capsys):
+    import pandas as pd
+    import ray
+    import s3fs
+
+    fs = s3fs.S3FileSystem()  # AWS_ENDPOINT_URL points at the moto server
+    fs.mkdir("jobs")
+    write_table(tmp_path / "t.parquet", prompt=["a", "b", "c"], tag=["x", "y", "z"])
+    fs.put_file(str(tmp_path / "t.parquet"), "jobs/prompts/part-0.parquet")
+    fs.put_file(str(tiny_safetensors), "jobs/models/tiny.safetensors")
+
+    args = ["s3://jobs/prompts/", "s3://jobs/out", "s3://jobs/models/tiny.safetensors"]
+    assert run(args[0], args[1], args[2])[0] == 0
+    m = pd.read_parquet("s3://jobs/out/manifest")
+    assert sorted(m["id"]) == ["00000000", "00000001", "00000002"] and sorted(m["tag"]) == ["x", "y", "z"]
+    for uri, digest in zip(m["image"], m["sha256"]):
+        assert uri.startswith("s3://jobs/out/images/")
+        assert hashlib.sha256(fs.cat_file(uri)).hexdigest() == digest
+    assert (m["model_hash"] == sha256(tiny_safetensors)).all()
+    assert ray.data.read_parquet("jobs/out/manifest", filesystem=fs).count() == 3
+    assert json.loads(fs.cat_file("jobs/out/run.json"))["settings"]["model"] == args[2]
+    # the model was copied once into the node's cache, not read from S3 per actor
+    assert len(list(Path(ray_head.env["SDBATCH_CACHE"]).rglob("tiny.safetensors"))) == 1
+
+    capsys.readouterr()
+    assert jobs.main(["status", args[1]]) == 0
+    assert "done: 3\nerrored: 0\nremaining: 0" in capsys.readouterr().out
+    rc, err = run(args[0], args[1], args[2], capsys=capsys)
+    assert rc == 0 and "0 to generate" in err
+
+
+def test_ray_job_submit_with_token_auth(ray_head, tiny_safetensors, tmp_path):
+    table = write_table(tmp_path / "t.parquet", prompt=["a", "b", "c"])
+    out = tmp_path / "out"
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard,
+              "--working-dir", str(REPO), "--", "python", "-m", "sdbatch.jobs", "run", str(table),
+              "--model", str(tiny_safetensors), "--output", str(out), *FAST]
+
+    # without the cluster's token the submission is refused
+    no_token = {k: v for k, v in ray_head.env.items() if not k.startswith("RAY_AUTH")}
+    (tmp_path / "home").mkdir()
+    refused = subprocess.run(submit, env=dict(no_token, HOME=str(tmp_path / "home")),
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "auth" in (refused.stdout + refused.stderr).lower()
+
+    done = subprocess.run(submit, env=ray_head.env, capture_output=True, text=True, timeout=480)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "images/s" in done.stdout + done.stderr
+    assert_each_id_once(out, ["00000000", "00000001", "00000002"])
