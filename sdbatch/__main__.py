@@ -1,0 +1,147 @@
+"""Command line for one-off use: `python -m sdbatch generate "a prompt" --model SRC -o out.png`.
+
+`make-smoke-model PATH` writes a small random-weight checkpoint to try things without real
+weights. The batch job over prompt tables is `python -m sdbatch.jobs`.
+"""
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+from sdbatch.model.samplers import SAMPLERS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _multiple_of_8(text: str) -> int:
+    value = int(text)
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError("must be a positive multiple of 8")
+    return value
+
+
+def _strength(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError("must be in (0, 1]")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError("must be in [0, 2**64)")
+    return value
+
+
+def output_paths(output: Path, n: int) -> list[Path]:
+    """out.png for one image; out-0.png, out-1.png, ... for several."""
+    return [output] if n == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from sdbatch import generate, load_model
+    from sdbatch.actors import a1111_parameters, encode_png
+
+    if args.output.suffix.lower() != ".png":
+        raise ValueError(f"-o {args.output}: the output must be a .png file")
+    if args.seed + args.num_images > 2**64:
+        raise ValueError(f"--seed {args.seed}: seeds up to seed + num_images - 1 must stay below 2**64")
+    init_image = None
+    if args.init_image is not None:
+        try:
+            init_image = Image.open(args.init_image)
+            init_image.load()
+        except OSError as e:
+            raise ValueError(f"--init-image {args.init_image}: cannot read the image ({e})") from None
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    print(f"loading {args.model}", file=sys.stderr)
+    model = load_model(args.model, device=args.device, dtype=dtype)
+    print(f"model on {model.device}, {str(model.dtype).removeprefix('torch.')}, seed {args.seed}", file=sys.stderr)
+
+    paths = output_paths(args.output, args.num_images)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    row = dict(
+        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=args.sampler,
+        cfg_scale=args.cfg_scale, width=args.width, height=args.height,
+        init_image=args.init_image, strength=args.strength,
+    )
+    for start in range(0, args.num_images, args.batch_size):
+        seeds = [args.seed + i for i in range(start, min(args.num_images, start + args.batch_size))]
+        images = generate(
+            model, [args.prompt] * len(seeds), [args.negative] * len(seeds), seeds=seeds, steps=args.steps,
+            cfg_scale=args.cfg_scale, sampler=args.sampler, width=args.width, height=args.height,
+            init_images=None if init_image is None else [init_image] * len(seeds), strength=args.strength,
+        )
+        for seed, image, path in zip(seeds, images, paths[start:]):
+            path.write_bytes(encode_png(image, a1111_parameters(dict(row, seed=seed), model.hash)))
+            print(path)
+    return 0
+
+
+def cmd_make_smoke_model(args: argparse.Namespace) -> int:
+    from sdbatch.model.weights import ModelConfig, save_random_checkpoint
+
+    args.path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {"config": ModelConfig()} if args.full_size else {}
+    print(save_random_checkpoint(args.path, seed=args.seed, **kwargs))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sdbatch", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from one prompt (text-to-image or image-to-image)")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", required=True, help=".safetensors / .ckpt / diffusers folder, local path or fsspec URI")
+    gen.add_argument("-o", "--output", type=Path, required=True,
+                     help="output .png; with --num-images N > 1: OUT-0.png ... OUT-{N-1}.png")
+    gen.add_argument("--negative", default="", help="negative prompt (default: none, the empty string)")
+    gen.add_argument("--seed", type=_seed, default=None, help="seed of the first image, +1 per next image (default: random)")
+    gen.add_argument("--steps", type=_positive_int, default=25)
+    gen.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale; 1 turns it off")
+    gen.add_argument("--sampler", choices=list(SAMPLERS), default="dpmpp_2m_karras")
+    gen.add_argument("--width", type=_multiple_of_8, default=512)
+    gen.add_argument("--height", type=_multiple_of_8, default=512)
+    gen.add_argument("--init-image", type=Path, help="image-to-image: start from this image (resized to the size)")
+    gen.add_argument("--strength", type=_strength, default=0.8, help="image-to-image: how much to change, in (0, 1]")
+    gen.add_argument("--num-images", type=_positive_int, default=1)
+    gen.add_argument("--batch-size", type=_positive_int, default=1, help="images generated together")
+    gen.add_argument("--dtype", choices=DTYPES, default="auto",
+                     help="auto: float16 on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16, else float32")
+    gen.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:1, mps, ...")
+    gen.set_defaults(handler=cmd_generate)
+
+    smoke = sub.add_parser("make-smoke-model", help="write a random-weight SD v1.x checkpoint (tiny unless --full-size)")
+    smoke.add_argument("path", type=Path, help="output .safetensors or .ckpt")
+    smoke.add_argument("--seed", type=int, default=0)
+    smoke.add_argument("--full-size", action="store_true", help="SD1.5's size (about 4 GB in float32)")
+    smoke.set_defaults(handler=cmd_make_smoke_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "seed", 0) is None:
+        args.seed = random.randrange(2**32)
+    try:
+        return args.handler(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
