@@ -171,11 +171,12 @@ def result_schema():
 class InceptionFeatureActor:
     """Turns shards of stored images into FID/IS/KID inputs with torch-fidelity's InceptionV3.
 
-    `state_dict`: the Inception weights, loaded (weights_only) once on the driver and shared
-    through the object store. See `sdbatch.metrics.extract_shard` for what a shard returns.
+    `weights`: [object ref of the Inception state dict], loaded (weights_only) once on the
+    driver. See `sdbatch.metrics.extract_shard` for what a shard returns.
     """
 
-    def __init__(self, state_dict: dict, threads: int | None = None, batch_size: int = 32):
+    def __init__(self, weights: list, threads: int | None = None, batch_size: int = 32):
+        import ray
         import torch
 
         from sdbatch.metrics import build_inception
@@ -186,7 +187,7 @@ class InceptionFeatureActor:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = build_inception(state_dict, self._device)
+        self.model = build_inception(ray.get(weights[0]), self._device)
         self.batch_size = batch_size
 
     def device(self) -> str:

@@ -488,7 +488,8 @@ def extract_arrays(model, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndar
     import torch
 
     device = next(model.parameters()).device
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device)
+    # NCHW-contiguous like torch-fidelity's loader: a channels-last view would pick other kernels.
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().to(device)
     with torch.inference_mode():
         features, logits = model(x)
     return features.cpu().numpy(), logits.cpu().numpy()
@@ -585,7 +586,9 @@ def extract_on_ray(sides: list[tuple[Side, bool, bool]], weights: InceptionWeigh
     from sdbatch.jobs import actor_pool
 
     pool = actor_pool(str(workers) if workers else None, None)
-    state = ray.put(weights.state_dict)
+    # Handed over inside a list, the reference is not resolved by Ray at actor creation: each
+    # actor fetches the weights itself (the driver holds the reference until the run ends).
+    state = [ray.put(weights.state_dict)]
     actor_cls = ray.remote(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=2,
                            max_task_retries=2)(InceptionFeatureActor)
     actors = [actor_cls.remote(state, threads=threads or pool.threads, batch_size=batch_size)
