@@ -411,7 +411,7 @@ def init_ray(address: str | None) -> bool:
 @dataclass
 class Pool:
     min_size: int
-    max_size: int
+    max_size: int | None  # None: no bound known, Ray Data grows the pool as the cluster grows
     num_gpus: float
     num_cpus: float
     threads: int
@@ -426,21 +426,22 @@ def actor_pool(workers: str | None, gpus_per_worker: float | None) -> Pool:
     res = ray.cluster_resources()
     cpus, gpus = int(res.get("CPU", 1)), res.get("GPU", 0)
     can_add = _max_cluster_resources()
-    max_gpus = max(gpus, can_add.get("GPU", 0))
+    max_gpus = max(gpus, (can_add or {}).get("GPU", 0))
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if max_gpus else 0.0
     if gpus_per_worker > 0:
-        if not max_gpus:
+        if not max_gpus and can_add is not None:
             raise JobError(f"--gpus-per-worker {gpus_per_worker:g} but the cluster has no GPUs")
         now = max(1, int(gpus // gpus_per_worker))
         threads = max(1, min(4, cpus // now))
         if workers == "auto":
-            return Pool(1, max(1, int(max_gpus // gpus_per_worker)), gpus_per_worker, 1, threads)
+            most = None if can_add is None else max(1, int(max_gpus // gpus_per_worker))
+            return Pool(1, most, gpus_per_worker, 1, threads)
         n = int(workers) if workers else now
         return Pool(n, n, gpus_per_worker, 1, threads)
     if workers == "auto":
         threads = min(cpus, 4)
-        most = max(1, max(cpus, int(can_add.get("CPU", 0))) // threads)
+        most = max(1, max(cpus, int((can_add or {}).get("CPU", 0))) // threads)
         return Pool(1, most, 0, threads, threads)
     n = int(workers or 1)
     if n > cpus:
@@ -450,14 +451,42 @@ def actor_pool(workers: str | None, gpus_per_worker: float | None) -> Pool:
     return Pool(n, n, 0, threads, threads)
 
 
-def _max_cluster_resources() -> dict[str, float]:
-    """What an autoscaling cluster's config says it can grow to ({} without an autoscaler)."""
-    try:
-        import ray._private.state
+def _max_cluster_resources() -> dict[str, float] | None:
+    """What an autoscaling cluster can grow to: {} without an autoscaler, None if one runs
+    but its limits are unknown.
 
-        return ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    KubeRay reports its node types to the GCS. Ray's cluster launcher (`ray up`) doesn't, but
+    leaves them in ~/ray_bootstrap_config.yaml on the head, where `ray job submit` runs us.
+    """
+    import ray._private.state
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        limits = ray._private.state.state.get_max_resources_from_cluster_config()
     except Exception:  # not every Ray deployment reports a cluster config
-        return {}
+        limits = None
+    if limits:
+        return limits
+    bootstrap = os.path.expanduser("~/ray_bootstrap_config.yaml")
+    if os.path.exists(bootstrap):
+        import yaml
+
+        with open(bootstrap) as f:
+            config = yaml.safe_load(f)
+        totals: dict[str, float] = {}
+        for name, node_type in config["available_node_types"].items():
+            count = 1 if name == config["head_node_type"] else node_type.get("max_workers", 0)
+            for resource, amount in node_type.get("resources", {}).items():
+                totals[resource] = totals.get(resource, 0) + amount * count
+        return totals
+    # The monitor's status names each node's type; without an autoscaling config (a local
+    # Ray, `ray start --head`) every node has the read-only provider's anonymous type.
+    status = json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or "{}")
+    types = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    managed = any(t != format_readonly_node_type(node) for node, t in types.items())
+    return None if managed else {}
 
 
 def generate_on_ray(args, out: Output, work: list[list[dict[str, Any]]], recorder: Recorder,
@@ -476,13 +505,17 @@ def generate_on_ray(args, out: Output, work: list[list[dict[str, Any]]], recorde
     # One item per batch, so Ray Data can never split or merge the planned batches; blocks
     # are built on the driver (from_items), one or a few batches each.
     items = [{"rows": json.dumps(batch)} for batch in work]
+    features = getattr(args, "run_features", None)  # run --metrics (sdbatch.metrics.RunFeatures)
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 20_000)).map_batches(
         GenerationActor, compute=compute, batch_size=1, batch_format="pyarrow",
         num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus,
         fn_constructor_kwargs=dict(model=args.model, output=out.uri, dtype=args.dtype,
-                                   device="cuda" if pool.num_gpus else "cpu", threads=pool.threads),
+                                   device="auto" if pool.num_gpus else "cpu", threads=pool.threads,
+                                   inception_weights=features.actor_weights() if features else None),
         **({"runtime_env": {"env_vars": env}} if env else {}))
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if features is not None:
+            block = features.take(block)
         known = recorder.model_hash
         progress.update(*recorder.add(block.to_pylist()))
         if args.expected_hash and known is None and recorder.model_hash != args.expected_hash:
@@ -533,6 +566,10 @@ def run_command(args) -> int:
     table_ids = {r["id"] for r in plan.rows} | {e["id"] for e in plan.errors}
     print(f"{plan.total} images planned: {len(done & table_ids)} already done, "
           f"{len(failed & table_ids)} failed, {len(todo)} to generate", file=sys.stderr)
+    if args.metrics:  # weights and reference checked before any image is generated
+        from sdbatch.metrics import RunFeatures
+
+        args.run_features = RunFeatures(args.inception_weights, args.reference, len(todo))
     if todo:
         started = init_ray(args.address)
         recorder = Recorder(out, table, {r["id"]: r for r in todo})
@@ -550,6 +587,10 @@ def run_command(args) -> int:
         run["model_hash"] = recorder.model_hash or run["model_hash"]
     run["finished"] = _now()
     out.write_run(run)
+    if args.metrics:
+        from sdbatch.metrics import metrics_after_run
+
+        metrics_after_run(out.uri, args.run_features, args.address)
     return summary(out, table_ids, plan.total)
 
 
@@ -614,6 +655,12 @@ def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     run.add_argument("--overwrite", action="store_true", help="delete OUT's previous outputs first")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--metrics", action="store_true",
+                     help="end with FID/IS/KID against --reference (OUT/metrics.json), taking each new "
+                          "image's Inception features while it is in memory")
+    run.add_argument("--reference", metavar="REF", help="with --metrics: reference images or .npz statistics, "
+                     "as for the metrics command")
+    run.add_argument("--inception-weights", metavar="PATH", help="with --metrics: as for the metrics command")
     run.set_defaults(handler=run_command)
 
     status = sub.add_parser("status", help="count done, errored and remaining rows of OUT")

@@ -257,6 +257,16 @@ class LocalAutoscalingCluster:
             time.sleep(0.5)
 
 
+def cluster_limits(cluster: LocalAutoscalingCluster, env: dict) -> dict | None:
+    """What the job's driver, connected to `cluster`, finds the cluster can grow to."""
+    code = ("import json, ray, sdbatch.jobs as jobs; ray.init(address=%r, logging_level='ERROR'); "
+            "print(json.dumps(jobs._max_cluster_resources()))" % cluster.address)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.autoscaler
 @pytest.mark.timeout(300)
 def test_job_grows_a_cluster_from_zero_gpu_nodes_and_it_shrinks_back(tiny_safetensors, tmp_path):
@@ -273,12 +283,17 @@ def test_job_grows_a_cluster_from_zero_gpu_nodes_and_it_shrinks_back(tiny_safete
                 "node_config": {}, "min_workers": 0, "max_workers": 2}
     with LocalAutoscalingCluster(2, {"gpu.fake": gpu_node}, idle_timeout_minutes=0.2, tmp=tmp_path) as cluster:
         assert cluster.gpu_nodes() == 0
+        # `ray up` leaves the cluster's config on the head, where `ray job submit` runs the driver
+        home = tmp_path / "home"
+        home.mkdir()
+        (home / "ray_bootstrap_config.yaml").write_text(json.dumps(cluster.config))
+        driver_env = dict(cluster.env, HOME=str(home))
         out = tmp_path / "out"
         job = subprocess.Popen(
             [sys.executable, "-m", "sdbatch.jobs", "run", str(prompts), "--model", str(tiny_safetensors),
-             "--output", str(out), "--workers", "auto", "--gpus-per-worker", "1", "--width", "64",
-             "--height", "64", "--batch-size", "2", "--address", cluster.address],
-            env=cluster.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             "--output", str(out), "--workers", "auto", "--width", "64", "--height", "64", "--batch-size", "2",
+             "--address", cluster.address],
+            env=driver_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         most_gpu_nodes = 0
         while job.poll() is None:
             most_gpu_nodes = max(most_gpu_nodes, cluster.gpu_nodes())
@@ -293,5 +308,9 @@ def test_job_grows_a_cluster_from_zero_gpu_nodes_and_it_shrinks_back(tiny_safete
         assert set(ids) == set(pq.read_table(prompts).column("id").to_pylist())
         assert all(Path(r["image"].removeprefix("file://")).is_file() for r in manifest)
         assert len({r["worker"] for r in manifest}) == gpu_node["max_workers"]
+
+        # the pool's bound: from the head's config file; without one, an autoscaler of unknown reach
+        assert cluster_limits(cluster, driver_env)["GPU"] == gpu_node["max_workers"]
+        assert cluster_limits(cluster, cluster.env) is None
 
         cluster.wait_for(lambda: cluster.gpu_nodes() == 0, 120, "the idle GPU nodes to be removed")
