@@ -50,16 +50,18 @@ def _isolated_cache(tmp_path_factory):
         os.environ["SDBATCH_CACHE"] = saved
 
 
-def diffusers_components(scale: str = "tiny", seed: int = 0) -> dict:
+def diffusers_components(scale: str = "tiny", seed: int = 0, names: tuple = ("unet", "vae", "text_encoder")) -> dict:
     """Randomised diffusers UNet2DConditionModel, AutoencoderKL and transformers CLIPTextModel.
 
     scale "tiny" is the shared test model (SD v1 structure, small widths); "full" is SD1.5's size.
+    names picks the components to build.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tiny = scale == "tiny"
-    unet = UNet2DConditionModel(
+    build = {}
+    build["unet"] = lambda: UNet2DConditionModel(
         sample_size=8 if tiny else 64,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -69,7 +71,7 @@ def diffusers_components(scale: str = "tiny", seed: int = 0) -> dict:
         cross_attention_dim=128 if tiny else 768,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
+    build["vae"] = lambda: AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(32, 32, 64, 64) if tiny else (128, 256, 512, 512),
@@ -79,7 +81,7 @@ def diffusers_components(scale: str = "tiny", seed: int = 0) -> dict:
         sample_size=64 if tiny else 512,
         scaling_factor=0.18215,
     )
-    text_encoder = CLIPTextModel(
+    build["text_encoder"] = lambda: CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
             hidden_size=128 if tiny else 768,
@@ -93,10 +95,7 @@ def diffusers_components(scale: str = "tiny", seed: int = 0) -> dict:
             pad_token_id=49407,
         )
     )
-    return {
-        name: randomize_(module, seed + i).eval()
-        for i, (name, module) in enumerate({"unet": unet, "vae": vae, "text_encoder": text_encoder}.items())
-    }
+    return {name: randomize_(build[name](), seed + i).eval() for i, name in enumerate(build) if name in names}
 
 
 def save_diffusers_folder(components: dict, folder: Path) -> Path:
@@ -128,7 +127,7 @@ def save_diffusers_folder(components: dict, folder: Path) -> Path:
 def ldm_checkpoint(components: dict) -> dict[str, torch.Tensor]:
     """The components' weights as a single-file LDM state dict, with the extras real files carry."""
     parts = {name: DIFFUSERS_COMPONENTS[name][1](module.state_dict()) for name, module in components.items()}
-    sd = ldm_state_dict(parts)
+    sd = {k: v.clone() for k, v in ldm_state_dict(parts).items()}  # not sharing the modules' storage
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     alphas_cumprod = torch.cumprod(1 - betas, 0)
     sd.update(

@@ -36,8 +36,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
 
@@ -123,7 +123,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for level in self.down:
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+        return self.conv_out(F.silu(self.norm_out(self.mid(x)), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -143,7 +143,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True))
 
 
 class AutoencoderKL(nn.Module):
@@ -161,15 +161,19 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
+    def _input(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # channels-last lets oneDNN/cuDNN run the convs without reordering around each one
+        fmt = torch.channels_last if like.device.type in ("cpu", "cuda") else torch.contiguous_format
+        return x.to(like.device, like.dtype, memory_format=fmt)
+
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.quant_conv.weight
-        moments = self.quant_conv(self.encoder(images.to(w.device, w.dtype))).to(images.dtype)
-        mean, logvar = moments.chunk(2, dim=1)
+        moments = self.quant_conv(self.encoder(self._input(images, self.quant_conv.weight)))
+        mean, logvar = moments.to(images.dtype).contiguous().chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        w = self.post_quant_conv.weight
-        return self.decoder(self.post_quant_conv(latents.to(w.device, w.dtype))).to(latents.dtype)
+        images = self.decoder(self.post_quant_conv(self._input(latents, self.post_quant_conv.weight)))
+        return images.to(latents.dtype).contiguous()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction through the posterior mean (a convenience for checks)."""

@@ -467,7 +467,10 @@ def load_model(
             if not t.is_floating_point():
                 return t.to(device)
             wide = dtype == torch.float16 and name == "vae" and key.startswith(FP32_IN_FP16)
-            return t.to(device, torch.float32 if wide else dtype)
+            t = t.to(device, torch.float32 if wide else dtype)
+            if name == "vae" and t.ndim == 4 and device.type in ("cpu", "cuda"):  # the VAE runs channels-last
+                t = t.contiguous(memory_format=torch.channels_last)
+            return t
 
         _load_component(getattr(model, name), parts[name], name, path, to)
     return model.eval().requires_grad_(False)
