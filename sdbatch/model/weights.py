@@ -16,7 +16,6 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import fsspec
 import torch
@@ -423,19 +422,43 @@ def _read_source(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], ModelC
     return parts, config, Tokenizer(), (path,)
 
 
-def _load_component(module: nn.Module, sd: dict[str, torch.Tensor], name: str, path: Path, cast: Callable) -> None:
+def load_component_(
+    module: nn.Module,
+    name: str,
+    sd: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """Check one network's LDM-layout state dict against `module` (built on the meta device)
+    and assign the tensors into it, each moved to `device`/`dtype` as it goes (`sd` is emptied).
+
+    In a float16 model the VAE decoder stays float32; on CPU/CUDA the VAE's convs are
+    channels-last. `source` names the checkpoint in errors.
+    """
     expected = module.state_dict()
     missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}: {name} keys do not match SD v1.x:"
+            f"{source}: {name} keys do not match SD v1.x:"
             + (f" missing {_listing(missing)};" if missing else "")
             + (f" unexpected {_listing(unexpected)}" if unexpected else "")
         )
     wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
     if wrong:
-        raise CheckpointError(f"{path}: {name} tensor shapes do not match the inferred config: {_listing(wrong, 5)}")
-    module.load_state_dict({k: cast(k, sd.pop(k)) for k in list(sd)}, assign=True)
+        raise CheckpointError(f"{source}: {name} tensor shapes do not match the inferred config: {_listing(wrong, 5)}")
+
+    def place(key: str, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t.to(device)
+        wide = dtype == torch.float16 and name == "vae" and key.startswith(FP32_IN_FP16)
+        t = t.to(device, torch.float32 if wide else dtype)
+        if name == "vae" and t.ndim == 4 and device.type in ("cpu", "cuda"):
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    module.load_state_dict({k: place(k, sd.pop(k)) for k in list(sd)}, assign=True)
+    return module.eval().requires_grad_(False)
 
 
 def load_model(
@@ -462,17 +485,7 @@ def load_model(
     with torch.device("meta"):
         model = StableDiffusion(config, tokenizer, files)
     for name in PREFIXES:
-
-        def to(key: str, t: torch.Tensor, name: str = name) -> torch.Tensor:
-            if not t.is_floating_point():
-                return t.to(device)
-            wide = dtype == torch.float16 and name == "vae" and key.startswith(FP32_IN_FP16)
-            t = t.to(device, torch.float32 if wide else dtype)
-            if name == "vae" and t.ndim == 4 and device.type in ("cpu", "cuda"):  # the VAE runs channels-last
-                t = t.contiguous(memory_format=torch.channels_last)
-            return t
-
-        _load_component(getattr(model, name), parts[name], name, path, to)
+        load_component_(getattr(model, name), name, parts[name], path, device, dtype)
     return model.eval().requires_grad_(False)
 
 
