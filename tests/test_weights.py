@@ -274,6 +274,8 @@ def bucket(s3_endpoint, tiny_safetensors, tiny_diffusers_dir, tmp_path, monkeypa
     fs.mkdir(name)
     fs.put_file(str(tiny_safetensors), f"{name}/tiny.safetensors")
     fs.put(str(tiny_diffusers_dir), f"{name}/tiny-diffusers", recursive=True)
+    for extra in ("safety_checker/model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"):
+        fs.pipe(f"{name}/tiny-diffusers/{extra}", b"not needed")
     monkeypatch.setenv("SDBATCH_CACHE", str(tmp_path / "cache"))
     return name
 
@@ -290,6 +292,10 @@ def test_s3_sources_are_cached_once(bucket, s3_endpoint, tmp_path, reference):
 
     folder = sdbatch.load_model(f"s3://{bucket}/tiny-diffusers", storage_options=options)
     assert_same_weights(folder, reference)
+    (copy,) = (tmp_path / "cache").rglob("tiny-diffusers")
+    copied = sorted(str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file())
+    assert "unet/diffusion_pytorch_model.safetensors" in copied and "tokenizer/vocab.json" in copied
+    assert not [p for p in copied if "safety_checker" in p or "fp16" in p]
 
 
 def test_s3_concurrent_processes_share_one_copy(bucket, s3_endpoint, tmp_path):

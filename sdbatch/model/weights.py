@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -271,12 +272,20 @@ def split_checkpoint(sd: dict[str, torch.Tensor], path: Path) -> dict[str, dict[
     return parts
 
 
-def _diffusers_weight_file(folder: Path, stems: tuple[str, ...]) -> Path:
+def _pick_weights(names: set[str], stems: tuple[str, ...]) -> str | None:
+    """A diffusers component's weight file among `names`: full precision and safetensors first."""
     for suffix in (".safetensors", ".bin", ".fp16.safetensors", ".fp16.bin"):
         for stem in stems:
-            if (folder / f"{stem}{suffix}").is_file():
-                return folder / f"{stem}{suffix}"
-    raise CheckpointError(f"{folder}: no weights file ({', '.join(s + '.safetensors' for s in stems)})")
+            if stem + suffix in names:
+                return stem + suffix
+    return None
+
+
+def _diffusers_weight_file(folder: Path, stems: tuple[str, ...]) -> Path:
+    name = _pick_weights({p.name for p in folder.glob("*") if p.is_file()}, stems)
+    if name is None:
+        raise CheckpointError(f"{folder}: no weights file ({', '.join(s + '.safetensors' for s in stems)})")
+    return folder / name
 
 
 def read_diffusers_folder(folder: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], list[Path]]:
@@ -335,34 +344,51 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SDBATCH_CACHE") or Path.home() / ".cache" / "sdbatch")
 
 
-def localize(source: str | os.PathLike, storage_options: dict | None = None) -> Path:
-    """A local path for `source`; a remote file or folder is copied once into `cache_dir()`.
+def _remote_files(fs, root: str, info: dict) -> dict[str, dict]:
+    """{relative name: fsspec info} to copy: the file itself, or what a diffusers folder needs
+    (not, say, a safety checker or every precision variant of the weights)."""
+    if info["type"] != "directory":
+        return {"": info}
+    listing = {name[len(root) + 1 :]: i for name, i in fs.find(root, detail=True).items()}
+    wanted = [n for n in listing if n == "model_index.json" or n.split("/")[0] in ("tokenizer", "scheduler")]
+    for name, (_, _, *stems) in DIFFUSERS_COMPONENTS.items():
+        weights = _pick_weights({n[len(name) + 1 :] for n in listing if n.startswith(name + "/")}, tuple(stems))
+        wanted += [f"{name}/config.json", f"{name}/{weights}"]
+    return {n: listing[n] for n in wanted if n in listing}
 
-    The copy is made under a file lock, into a temporary name then renamed, so processes
-    sharing a node (and cache) download once and never see a partial file.
+
+def localize(source: str | os.PathLike, storage_options: dict | None = None) -> Path:
+    """A local path for `source`; a remote file or diffusers folder is copied once into `cache_dir()`.
+
+    The cache entry is keyed by the remote files' names, sizes and ETags. It is written under a
+    file lock, into a temporary name then renamed, so processes sharing a node (and cache)
+    download once and never see a partial copy.
     """
     source = str(source)
     protocol, _, rest = source.partition("://")
     if not rest or protocol in ("file", "local"):
         return Path(rest or source).expanduser()
-    fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    root = root.rstrip("/")
     try:
-        info = fs.info(path)
+        files = _remote_files(fs, root, fs.info(root))
     except FileNotFoundError:
         raise CheckpointError(f"{source}: not found") from None
-    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-    key = hashlib.sha256(f"{source}|{info.get('size')}|{version}".encode()).hexdigest()[:16]
-    target = cache_dir() / key / Path(path.rstrip("/")).name
+    versions = sorted((n, i.get("size"), i.get("ETag") or i.get("etag") or i.get("mtime") or "") for n, i in files.items())
+    key = hashlib.sha256(repr((source, versions)).encode()).hexdigest()[:16]
+    target = cache_dir() / key / Path(root).name
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / ".lock")):
         if not target.exists():
-            partial = target.with_name(target.name + ".partial")
-            if info["type"] == "directory":
-                fs.get(path.rstrip("/") + "/", str(partial), recursive=True)
-            else:
-                from fsspec.callbacks import TqdmCallback
+            from fsspec.callbacks import TqdmCallback
 
-                fs.get_file(path, str(partial), callback=TqdmCallback(tqdm_kwargs={"desc": f"download {source}", "unit": "B", "unit_scale": True}))
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)  # left by a process that died while copying
+            for name, info in files.items():
+                local = partial / name if name else partial
+                local.parent.mkdir(parents=True, exist_ok=True)
+                bar = {"desc": f"copy {source}/{name}".rstrip("/"), "unit": "B", "unit_scale": True}
+                fs.get_file(info["name"], str(local), callback=TqdmCallback(tqdm_kwargs=bar))
             os.replace(partial, target)
     return target
 
