@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-weight SD v1.x models in diffusers and single-file layouts,
 an S3 endpoint on loopback, and the opt-in switch for full-size (slow) tests."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,16 +39,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@contextlib.contextmanager
+def set_env(**values: str):
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Tests never read or write the user's ~/.cache/sdbatch."""
-    saved = os.environ.get("SDBATCH_CACHE")
-    os.environ["SDBATCH_CACHE"] = str(tmp_path_factory.mktemp("sdbatch-cache"))
-    yield
-    if saved is None:
-        os.environ.pop("SDBATCH_CACHE", None)
-    else:
-        os.environ["SDBATCH_CACHE"] = saved
+    with set_env(SDBATCH_CACHE=str(tmp_path_factory.mktemp("sdbatch-cache"))):
+        yield
 
 
 def diffusers_components(scale: str = "tiny", seed: int = 0, names: tuple = ("unet", "vae", "text_encoder")) -> dict:
@@ -187,17 +198,10 @@ def s3_endpoint():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SECURITY_TOKEN": "testing"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with set_env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_SECURITY_TOKEN="testing"):
+        server.start()
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.stop()
