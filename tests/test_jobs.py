@@ -297,3 +297,17 @@ def test_ray_job_submit_with_token_auth(ray_head, tiny_safetensors, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "images/s" in done.stdout + done.stderr
     assert_each_id_once(out, ["00000000", "00000001", "00000002"])
+
+
+def test_cpu_actor_pool_never_oversubscribes_cores(ray_head):
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])  # 2 on the test head
+    for workers in (None, "1", "2", "5", "auto"):
+        pool = jobs.actor_pool(workers, None)
+        assert pool.num_gpus == 0 and pool.threads == pool.num_cpus  # Ray reserves what torch uses
+        assert (pool.max_size or 1) * pool.threads <= cpus
+    assert jobs.actor_pool(None, None).threads == cpus  # one actor gets every core
+    assert jobs.actor_pool("2", None).max_size == 2
+    with pytest.raises(jobs.JobError, match="no GPUs"):
+        jobs.actor_pool(None, 1.0)
