@@ -83,11 +83,13 @@ class GenerationActor:
     negative_prompt, seed, steps, cfg_scale, sampler, width, height, init_image, strength,
     skip), all of one shape. The batch is generated whole; rows marked `skip` (already
     recorded) are neither written nor returned. Output rows: id, image (URI), sha256,
-    model_hash, seconds, worker, error (null unless the row failed).
+    model_hash, seconds, worker, error (null unless the row failed); with `inception_weights`
+    ([object ref of a state dict], `run --metrics`) also each image's Inception features and
+    logits, computed while it is in memory (see `sdbatch.metrics.RunFeatures`).
     """
 
     def __init__(self, model: str, output: str, dtype: str = "auto", device: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, inception_weights: list | None = None):
         import torch
 
         import sdbatch
@@ -98,6 +100,13 @@ class GenerationActor:
         self.model = sdbatch.load_model(model, device=device, dtype=dtype)
         self.fs, self.images = storage.url_to_fs(storage.join(output, "images"))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.inception = None
+        if inception_weights:
+            import ray
+
+            from sdbatch.metrics import build_inception
+
+            self.inception = build_inception(ray.get(inception_weights[0]), str(self.model.device))
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -105,7 +114,7 @@ class GenerationActor:
         results: list[dict[str, Any]] = []
         for rows in batch.column("rows").to_pylist():
             results += self.generate(json.loads(rows))
-        return pa.Table.from_pylist(results, schema=result_schema())
+        return pa.Table.from_pylist(results, schema=result_schema(self.inception is not None))
 
     def generate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import sdbatch
@@ -134,7 +143,11 @@ class GenerationActor:
             sampler=first["sampler"], width=first["width"], height=first["height"],
             init_images=init_images, strength=first["strength"], progress=False)
         seconds = (time.perf_counter() - start) / len(rows)
-        for row, image in zip(rows, images):
+        if self.inception is not None:
+            from sdbatch.metrics import extract_arrays
+
+            features, logits = extract_arrays(self.inception, list(images))
+        for k, (row, image) in enumerate(zip(rows, images)):
             if row["skip"]:
                 continue
             png = encode_png(image, a1111_parameters(row, self.model.hash))
@@ -143,6 +156,8 @@ class GenerationActor:
             results.append(dict(id=row["id"], image=storage.to_uri(self.fs, path),
                                 sha256=hashlib.sha256(png).hexdigest(), model_hash=self.model.hash,
                                 seconds=seconds, worker=self.worker, error=None))
+            if self.inception is not None:
+                results[-1].update(inception_features=features[k], inception_logits=logits[k])
         return [r for r in results if r["id"] not in skipped]
 
     def _read_image(self, uri: str):
@@ -157,12 +172,18 @@ class GenerationActor:
                     worker=self.worker, error=message)
 
 
-def result_schema():
+def result_schema(with_features: bool = False):
     import pyarrow as pa
 
-    return pa.schema([("id", pa.string()), ("image", pa.string()), ("sha256", pa.string()),
-                      ("model_hash", pa.string()), ("seconds", pa.float64()),
-                      ("worker", pa.string()), ("error", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("image", pa.string()), ("sha256", pa.string()),
+                        ("model_hash", pa.string()), ("seconds", pa.float64()),
+                        ("worker", pa.string()), ("error", pa.string())])
+    if with_features:
+        from sdbatch.metrics import FEATURE_DIM, NUM_CLASSES
+
+        schema = schema.append(pa.field("inception_features", pa.list_(pa.float32(), FEATURE_DIM)))
+        schema = schema.append(pa.field("inception_logits", pa.list_(pa.float32(), NUM_CLASSES)))
+    return schema
 
 
 # ----------------------------------------------------------------------------- quality metrics
@@ -183,9 +204,6 @@ class InceptionFeatureActor:
 
         if threads:
             torch.set_num_threads(threads)
-        # TF32 would move the features away from the reference numbers.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = build_inception(ray.get(weights[0]), self._device)
         self.batch_size = batch_size

@@ -241,9 +241,9 @@ class FidStats:
         self.sum += other.sum
         self.outer += other.outer
 
-    def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
+    def mu_sigma(self, what: str = "the images") -> tuple[np.ndarray, np.ndarray]:
         if self.n < 2:
-            raise MetricsError(f"FID needs at least 2 images, got {self.n}")
+            raise MetricsError(f"FID statistics need at least 2 readable images; {what} have {self.n}")
         mu = self.sum / self.n
         return mu, (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
 
@@ -490,8 +490,15 @@ def extract_arrays(model, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndar
     device = next(model.parameters()).device
     # NCHW-contiguous like torch-fidelity's loader: a channels-last view would pick other kernels.
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().to(device)
-    with torch.inference_mode():
-        features, logits = model(x)
+    # TF32 would move the features away from the reference numbers; restored afterwards, since
+    # a generation actor runs its U-Net in the same process.
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            features, logits = model(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     return features.cpu().numpy(), logits.cpu().numpy()
 
 
@@ -556,8 +563,16 @@ class Side:
     logits: np.ndarray | None = None
     errors: list[tuple[str, str]] = field(default_factory=list)
 
-    def add(self, start: int, result: dict[str, Any]) -> None:
-        rows = start + result["ok"]
+    def work(self, size: int) -> list[tuple[np.ndarray, tuple]]:
+        """(ranks, shard spec) pairs for the images whose features are not known yet."""
+        if not self.source.uris:
+            return [(np.arange(start, start + spec[4] - spec[3]), spec) for start, spec in self.source.shards(size)]
+        todo = np.flatnonzero(~self.readable)
+        return [(todo[i:i + size], ("uris", [self.source.uris[r] for r in todo[i:i + size]]))
+                for i in range(0, len(todo), size)]
+
+    def add(self, ranks: np.ndarray, result: dict[str, Any]) -> None:
+        rows = ranks[result["ok"]]
         self.readable[rows] = True
         self.stats.merge(result["stats"])
         self.errors += result["errors"]
@@ -594,17 +609,17 @@ def extract_on_ray(sides: list[tuple[Side, bool, bool]], weights: InceptionWeigh
     actors = [actor_cls.remote(state, threads=threads or pool.threads, batch_size=batch_size)
               for _ in range(pool.max_size)]
     device = ray.get(actors[0].device.remote())
-    total = sum(side.source.count for side, _, _ in sides)
+    total = sum(int((~side.readable).sum()) for side, _, _ in sides)
     size = shard_size or auto_shard_size(total, len(actors))
-    work = [(side, start, spec, feats, logits) for side, feats, logits in sides
-            for start, spec in side.source.shards(size)]
+    work = [(side, ranks, spec, feats, logits) for side, feats, logits in sides
+            for ranks, spec in side.work(size)]
     try:
         with tqdm(total=total, unit="img", desc="Inception features", file=sys.stderr) as bar:
             results = ActorPool(actors).map_unordered(
                 lambda a, i: a.extract.remote(i, work[i][2], work[i][3], work[i][4]), range(len(work)))
             for result in results:
-                side, start = work[result["index"]][:2]
-                side.add(start, result)
+                side, ranks = work[result["index"]][:2]
+                side.add(ranks, result)
                 bar.update(len(result["ok"]) + len(result["errors"]))
     finally:
         for actor in actors:
@@ -613,8 +628,10 @@ def extract_on_ray(sides: list[tuple[Side, bool, bool]], weights: InceptionWeigh
 
 
 def compute_metrics(generated: Source, reference: Source | None, weights: InceptionWeights,
-                    settings: Settings, workers: int | None = None, save_stats_to: str | None = None) -> dict[str, Any]:
-    """Everything `metrics` prints: the numbers (torch-fidelity key names), counts, settings."""
+                    settings: Settings, workers: int | None = None, save_stats_to: str | None = None,
+                    collected: RunFeatures | None = None) -> dict[str, Any]:
+    """Everything `metrics` prints: the numbers (torch-fidelity key names), counts, settings.
+    `collected`: features a `run --metrics` already has; only the other images are read."""
     warnings: list[str] = []
     want_kid = settings.kid and reference is not None
     if want_kid and reference.kind == "stats":
@@ -636,8 +653,10 @@ def compute_metrics(generated: Source, reference: Source | None, weights: Incept
             if name == "generated" and settings.isc:
                 side.logits = _memmap(tmp, f"{name}-logits.npy", src.count, NUM_CLASSES)
             sides.append((name, side))
-        device = None
-        if sides:
+        if collected is not None:
+            collected.fill(sides[0][1])
+        device = "the generation actors' device" if collected is not None else None
+        if any((~s.readable).any() for _, s in sides):
             device = extract_on_ray([(s, s.features is not None, s.logits is not None) for _, s in sides],
                                     weights, workers, settings.batch_size, settings.threads,
                                     settings.shard_size)
@@ -651,7 +670,8 @@ def compute_metrics(generated: Source, reference: Source | None, weights: Incept
             if s.errors:
                 print(f"{name}: {len(s.errors)} of {s.source.count} images could not be read, e.g. "
                       f"{s.errors[0][0]}: {s.errors[0][1]}", file=sys.stderr)
-        stats = {name: s.stats.mu_sigma() for name, s in sides}
+        stats = {name: s.stats.mu_sigma(f"the {name} images") for name, s in sides
+                 if settings.fid or save_stats_to}
         for name, src in (("generated", generated), ("reference", reference)):
             if src is not None and src.kind == "stats":
                 stats[name] = (src.stats["mu"], src.stats["sigma"])
@@ -735,6 +755,95 @@ def _version(package: str) -> str:
     return metadata.version(package)
 
 
+class RunFeatures:
+    """`run --metrics`: the Inception features of the images a run generates, computed by the
+    generation actors while each image is in memory and kept here in arrival order
+    (memory-mapped, 12 KiB per image on disk), so that the metrics need not read them back."""
+
+    COLUMNS = ("inception_features", "inception_logits")
+
+    def __init__(self, inception_weights: str | None, reference: str | None, capacity: int):
+        if not reference:
+            raise MetricsError("--metrics needs --reference REF (reference images or .npz statistics)")
+        self.weights = load_inception_weights(resolve_inception_weights(inception_weights))
+        self.reference = open_source(reference)  # checked before any image is generated
+        self._tmp = tempfile.TemporaryDirectory(prefix="sdbatch-run-features-")
+        self.features = _memmap(self._tmp.name, "features.npy", max(capacity, 1), FEATURE_DIM)
+        self.logits = _memmap(self._tmp.name, "logits.npy", max(capacity, 1), NUM_CLASSES)
+        self.uris: list[str] = []
+        self._seen: set[str] = set()
+        self._ref: list | None = None
+
+    def actor_weights(self) -> list:
+        """[object ref of the weights], for GenerationActor(inception_weights=...)."""
+        import ray
+
+        if self._ref is None:
+            self._ref = [ray.put(self.weights.state_dict)]
+        return self._ref
+
+    def take(self, block):
+        """Keeps the features of a block of generation results; returns the block without them."""
+        images = block.column("image").to_pylist()
+        features, logits = (block.column(c) for c in self.COLUMNS)
+        for i, uri in enumerate(images):
+            if uri is None or not features[i].is_valid or uri in self._seen:  # failed, or delivered twice
+                continue
+            self._seen.add(uri)
+            row = len(self.uris)
+            self.features[row] = features[i].values.to_numpy()
+            self.logits[row] = logits[i].values.to_numpy()
+            self.uris.append(uri)
+        return block.drop_columns(list(self.COLUMNS))
+
+    def fill(self, side: Side) -> None:
+        """Copies the features of the side's images that this run generated into it."""
+        rank = {uri: r for r, uri in enumerate(side.source.uris)}
+        rows = np.array([i for i, uri in enumerate(self.uris) if uri in rank], dtype=np.int64)
+        for i in range(0, len(rows), 4096):
+            chunk = rows[i:i + 4096]
+            ranks = np.array([rank[self.uris[j]] for j in chunk], dtype=np.int64)
+            side.readable[ranks] = True
+            side.stats.add(self.features[chunk])
+            if side.features is not None:
+                side.features[ranks] = self.features[chunk]
+            if side.logits is not None:
+                side.logits[ranks] = self.logits[chunk]
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def metrics_after_run(out: str, collected: RunFeatures, address: str | None = None) -> dict[str, Any]:
+    """`run --metrics`: metrics of every image OUT's manifest lists against the reference, with
+    the default settings; writes OUT/metrics.json and prints it."""
+    from sdbatch.jobs import init_ray
+
+    started = init_ray(address)
+    try:
+        report = compute_metrics(open_source(out), collected.reference, collected.weights, Settings(),
+                                 collected=collected)
+    finally:
+        collected.close()
+        if started:
+            import ray
+
+            ray.shutdown()
+    _publish(report, storage.join(out, "metrics.json"))
+    return report
+
+
+def _publish(report: dict[str, Any], target: str | None) -> None:
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if target:
+        fs, path = storage.url_to_fs(target)
+        storage.write_bytes(fs, path, text.encode() + b"\n")
+        print(f"wrote {target}", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -796,18 +905,13 @@ def metrics_command(args: argparse.Namespace) -> int:
             import ray
 
             ray.shutdown()
-    for warning in report["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
     if args.save_stats:
         print(f"saved FID statistics of {report['images']['generated']['used']} images to {args.save_stats} "
               f"(usable as --reference for FID; KID needs the images)", file=sys.stderr)
     if not args.reference:
+        for warning in report["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
-    text = json.dumps(report, indent=2)
-    print(text)
-    target = args.json or (storage.join(args.images, "metrics.json") if generated.kind in ("job", "folder") else None)
-    if target:
-        fs, path = storage.url_to_fs(target)
-        storage.write_bytes(fs, path, text.encode() + b"\n")
-        print(f"wrote {target}", file=sys.stderr)
+    _publish(report, args.json or (storage.join(args.images, "metrics.json")
+                                   if generated.kind in ("job", "folder") else None))
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import tempfile
 
@@ -326,3 +327,4 @@ def test_bad_inputs_are_reported(data, tmp_path, capsys):
     np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
     assert "shape (64,)" in _error(capsys, [str(data["out"]), "--reference", str(tmp_path / "small.npz")] + w)
     assert "--metrics" in _error(capsys, [str(data["out"]), "--reference", str(data["ref"]), "--metrics", "fid,lpips"])
+
