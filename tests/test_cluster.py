@@ -197,7 +197,7 @@ class LocalAutoscalingCluster:
         }
         self.env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled")
         self.env.pop("RAY_ADDRESS", None)
-        self.process = None
+        self.process = self.gcs = None
 
     def __enter__(self):
         config = self.tmp / "autoscaling.json"
@@ -214,7 +214,11 @@ class LocalAutoscalingCluster:
              f"--metrics-export-port={free_port()}", f"--object-store-memory={200 * 2**20}"],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             executable=str(Path(sys.executable).parent / "ray"))
-        self.wait_for(lambda: self.alive_nodes(), 60, "the head node to start")
+        try:
+            self.wait_for(lambda: self.alive_nodes(), 60, "the head node to start")
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
@@ -241,8 +245,10 @@ class LocalAutoscalingCluster:
         if self.process.poll() is not None:
             raise RuntimeError(f"the head exited; see {self.tmp / 'head.log'}")
         try:
-            nodes = GcsClient(address=self.address).get_all_node_info(timeout=5)
+            self.gcs = self.gcs or GcsClient(address=self.address)
+            nodes = self.gcs.get_all_node_info(timeout=5)
         except Exception:  # GCS not up yet
+            self.gcs = None
             return []
         return [dict(n.resources_total) for n in nodes.values() if n.state == GcsNodeInfo.ALIVE]
 
@@ -257,14 +263,16 @@ class LocalAutoscalingCluster:
             time.sleep(0.5)
 
 
-def cluster_limits(cluster: LocalAutoscalingCluster, env: dict) -> dict | None:
+def cluster_limits(cluster: LocalAutoscalingCluster, env: dict, tmp: Path) -> dict | None:
     """What the job's driver, connected to `cluster`, finds the cluster can grow to."""
-    code = ("import json, ray, sdbatch.jobs as jobs; ray.init(address=%r, logging_level='ERROR'); "
-            "print(json.dumps(jobs._max_cluster_resources()))" % cluster.address)
+    result = tmp / "limits.json"
+    # into a file: a driver's stdout also carries the autoscaler's event lines
+    code = ("import json, pathlib, ray, sdbatch.jobs as jobs; ray.init(address=%r, logging_level='ERROR'); "
+            "pathlib.Path(%r).write_text(json.dumps(jobs._max_cluster_resources()))" % (cluster.address, str(result)))
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(result.read_text())
 
 
 @pytest.mark.autoscaler
@@ -310,7 +318,7 @@ def test_job_grows_a_cluster_from_zero_gpu_nodes_and_it_shrinks_back(tiny_safete
         assert len({r["worker"] for r in manifest}) == gpu_node["max_workers"]
 
         # the pool's bound: from the head's config file; without one, an autoscaler of unknown reach
-        assert cluster_limits(cluster, driver_env)["GPU"] == gpu_node["max_workers"]
-        assert cluster_limits(cluster, cluster.env) is None
+        assert cluster_limits(cluster, driver_env, tmp_path)["GPU"] == gpu_node["max_workers"]
+        assert cluster_limits(cluster, cluster.env, tmp_path) is None
 
         cluster.wait_for(lambda: cluster.gpu_nodes() == 0, 120, "the idle GPU nodes to be removed")
