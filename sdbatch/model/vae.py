@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Upsample, normalization
+from . import layers
+from .layers import normalization
 
 EPS = 1e-6
 
@@ -59,6 +60,35 @@ class AttnBlock(nn.Module):
         out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
         out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _fold(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3 kernel taps along `dim` -> 2 taps per output phase of a nearest 2x upsample.
+
+    Output pixel 2i reads upsampled pixels 2i-1, 2i, 2i+1 = input i-1, i, i (taps 0 | 1+2 over
+    inputs i-1, i); output 2i+1 reads 2i, 2i+1, 2i+2 = input i, i, i+1 (taps 0+1 | 2 over i, i+1).
+    """
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
+
+
+class Upsample(layers.Upsample):
+    """Nearest 2x upsampling then a 3x3 conv, computed as one 2x2 conv per output phase on the
+    low-resolution input: the same result with 4/9 of the multiply-adds (the decoder's
+    upsampling convs are about a quarter of its work)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        weight = self.conv.weight.float()  # fold in float32, then round once
+        padded = F.pad(x, (1, 1, 1, 1))
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        out = torch.empty((b, weight.shape[0], 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        phases = out.unflatten(3, (w, 2)).unflatten(2, (h, 2))  # (B, C, H, 2, W, 2) view
+        for dy, rows in enumerate(_fold(weight, 2)):
+            for dx, kernel in enumerate(_fold(rows, 3)):
+                window = padded[:, :, dy : dy + h + 1, dx : dx + w + 1]
+                phases[:, :, :, dy, :, dx] = F.conv2d(window, kernel.to(x.dtype), self.conv.bias)
+        return out
 
 
 class Downsample(nn.Module):
