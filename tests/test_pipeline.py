@@ -155,6 +155,16 @@ def test_float16_cuda_close_to_float32(model, tiny_diffusers_dir):
     assert np.abs(ours_fp16.astype(int) - ours_fp32).mean() < 8
 
 
+def test_offload_runs_each_network_on_the_device_and_leaves_the_model_in_place(model):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    offloaded = sdbatch.generate(model, PROMPTS, seeds=SEEDS, steps=3, width=SIZE, height=SIZE, progress=False,
+                                 init_images=init_images(), offload=device)
+    assert model.device.type == "cpu" and model.vae.decoder.conv_out.weight.device.type == "cpu"
+    expected = sdbatch.generate(model, PROMPTS, seeds=SEEDS, steps=3, width=SIZE, height=SIZE, progress=False,
+                                init_images=init_images())
+    assert_images_close(offloaded, expected, tol=2)
+
+
 @pytest.mark.parametrize(
     "image",
     [

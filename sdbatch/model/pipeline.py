@@ -6,7 +6,8 @@ image-to-image encoder noise, then its initial latent noise (1, 4, h, w), then t
 stochastic sampler step. So a seed gives the same image on any device and in any batch.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -66,6 +67,20 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
+@contextmanager
+def _placed(module: torch.nn.Module, device: torch.device | None) -> Iterator[None]:
+    """Move `module` to `device` for the block, and back to where it was after (no-op for None)."""
+    if device is None:
+        yield
+        return
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(home)
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -81,6 +96,7 @@ def generate(
     init_images: Sequence[InitImage] | None = None,
     strength: float = 0.8,
     progress: bool = True,
+    offload: str | torch.device | None = None,
 ) -> np.ndarray:
     """Generate one image per prompt; returns uint8 (B, height, width, 3).
 
@@ -88,10 +104,13 @@ def generate(
     unconditional pass. init_images (PIL images or uint8 arrays, one per prompt) switch to
     image-to-image: each is resized to (width, height), encoded, and noised to the level of the
     first of the last int(steps * strength) steps, which are then run.
+    offload: run on this device (e.g. "cuda") while the model stays where it is (the CPU), moving
+    each network there only while it runs: for GPUs too small to hold the whole model.
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-    n = len(_check_strings("prompts", prompts, len(prompts)))
+    prompts = _check_strings("prompts", prompts, len(prompts))
+    n = len(prompts)
     negatives = [""] * n if negative_prompts is None else _check_strings("negative_prompts", negative_prompts, n)
     seeds = _check_seeds(seeds, n)
     spec = get_sampler(sampler)
@@ -117,10 +136,12 @@ def generate(
 
     # The U-Net and the VAE cast inputs to their own dtype (a float16 VAE decoder may be kept in float32) and
     # return float32 for float32 inputs: sampling and guidance stay in float32 whatever the model dtype.
-    device = model.device
+    offload = None if offload is None else torch.device(offload)
+    device = offload or model.device
     guided = cfg_scale != 1
-    tokens = model.tokenize(negatives + prompts if guided else list(prompts)).to(device)
-    context = model.text_encoder(tokens)
+    tokens = model.tokenize(negatives + prompts if guided else prompts).to(device)
+    with _placed(model.text_encoder, offload):
+        context = model.text_encoder(tokens)
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if guided:
@@ -135,11 +156,14 @@ def generate(
     if init_images is None:
         x = noise() * spec.initial_noise_scale(schedule.sigmas[0])
     else:
-        mean, logvar = model.vae.encode(pixels.to(device))
+        with _placed(model.vae, offload):
+            mean, logvar = model.vae.encode(pixels.to(device))
         latents = (mean + torch.exp(0.5 * logvar) * noise()) * model.config.latent_scale
         x = latents + noise() * schedule.sigmas[0]
 
     # sigmas stay 0-d CPU tensors: they mix with tensors on any device without a sync.
-    latents = run_sampler(spec, eps_denoiser(eps, schedule), x, schedule.sigmas, noise, disable=not progress)
-    images = model.vae.decode(latents / model.config.latent_scale)
+    with _placed(model.unet, offload):
+        latents = run_sampler(spec, eps_denoiser(eps, schedule), x, schedule.sigmas, noise, disable=not progress)
+    with _placed(model.vae, offload):
+        images = model.vae.decode(latents / model.config.latent_scale)
     return to_uint8(images)
