@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -513,15 +514,22 @@ def generate_on_ray(args, out: Output, work: list[list[dict[str, Any]]], recorde
                                    device="auto" if pool.num_gpus else "cpu", threads=pool.threads,
                                    inception_weights=features.actor_weights() if features else None),
         **({"runtime_env": {"env_vars": env}} if env else {}))
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if features is not None:
-            block = features.take(block)
-        known = recorder.model_hash
-        progress.update(*recorder.add(block.to_pylist()))
-        if args.expected_hash and known is None and recorder.model_hash != args.expected_hash:
-            raise JobError(f"the model {args.model} has hash {recorder.model_hash[:10]}, but "
-                           f"{out.uri} was generated with {args.expected_hash[:10]}; use another "
-                           f"--output, or --overwrite")
+    with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))) as blocks:
+        for block in blocks:  # closing: a failure here stops the actors at once
+            record_block(args, out, block, features, recorder, progress)
+
+
+def record_block(args, out: Output, block, features, recorder: Recorder, progress: Progress) -> None:
+    """Checks a block of actor results and records it."""
+    if features is not None:
+        block = features.take(block)
+    results = block.to_pylist()
+    other = {r["model_hash"] for r in results} - {args.expected_hash}
+    if args.expected_hash and other:  # checked before anything of this model is recorded
+        raise JobError(f"the model {args.model} now has hash {other.pop()[:10]}, but {out.uri} "
+                       f"was generated with {args.expected_hash[:10]}; use another --output, "
+                       f"or --overwrite")
+    progress.update(*recorder.add(results))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -533,6 +541,10 @@ def generation_settings(args) -> dict[str, Any]:
 
 
 def run_command(args) -> int:
+    from sdbatch.model.samplers import SAMPLERS
+
+    if args.sampler not in SAMPLERS:
+        raise JobError(f"--sampler {args.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
     out = Output(args.output)
     settings = generation_settings(args)
     table = read_table(args.prompts)
@@ -642,17 +654,20 @@ def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
     run.add_argument("prompts", help="Parquet file, folder or glob; local or fsspec URI (s3://...)")
     run.add_argument("--model", required=True, help="checkpoint (.safetensors/.ckpt) or diffusers folder; path or URI")
     run.add_argument("--output", required=True, help="output folder; path or URI")
-    run.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    run.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"])
-    run.add_argument("--sampler", default=DEFAULTS["sampler"])
-    run.add_argument("--width", type=int, default=DEFAULTS["width"])
-    run.add_argument("--height", type=int, default=DEFAULTS["height"])
-    run.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="base of the derived seeds")
-    run.add_argument("--batch-size", type=int, default=4)
+    run.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="sampling steps (default: %(default)s)")
+    run.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"], help="guidance scale (default: %(default)s)")
+    run.add_argument("--sampler", default=DEFAULTS["sampler"],
+                     help="ddpm, ddim, euler, euler_a, dpmpp_2m or dpmpp_2m_karras (default: %(default)s)")
+    run.add_argument("--width", type=int, default=DEFAULTS["width"], help="multiple of 8 (default: %(default)s)")
+    run.add_argument("--height", type=int, default=DEFAULTS["height"], help="multiple of 8 (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                     help="base of the seeds of rows without a seed (default: %(default)s)")
+    run.add_argument("--batch-size", type=int, default=4, help="images per model call (default: %(default)s)")
     run.add_argument("--workers", type=_workers, default=None,
                      help="actors: N, or 'auto' to scale with the cluster (default: one per GPU, or 1 on CPU)")
     run.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
-    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="auto: float16 on CUDA, bfloat16 on CPUs with fast bf16, else float32")
     run.add_argument("--overwrite", action="store_true", help="delete OUT's previous outputs first")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--metrics", action="store_true",

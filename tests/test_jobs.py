@@ -228,15 +228,26 @@ def test_actor_killed_mid_batch_still_records_every_row_once(ray_head, tiny_safe
     assert_each_id_once(out, [f"{i:08d}" for i in range(8)])
 
 
-def test_overwrite_replaces_outputs_made_with_other_settings(reference, tiny_safetensors, tmp_path, capsys):
-    table, _, ref = reference
+def test_other_settings_or_weights_refused_unless_overwrite(ray_head, tiny_safetensors, tmp_path, capsys):
     out = tmp_path / "out"
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(tiny_safetensors, model)
     small = write_table(tmp_path / "two.parquet", prompt=SIX["prompt"][:2])
-    assert run(small, out, tiny_safetensors)[0] == 0
+    assert run(small, out, model)[0] == 0
+
+    # the same path now holds other weights: refused before anything is recorded
+    from sdbatch.model.weights import save_random_checkpoint
+
+    save_random_checkpoint(model, seed=1)
+    more = write_table(tmp_path / "three.parquet", prompt=SIX["prompt"][:3])
     capsys.readouterr()
-    rc, err = run(small, out, tiny_safetensors, "--seed", "5", capsys=capsys)
+    rc, err = run(more, out, model, capsys=capsys)
+    assert rc == 2 and "now has hash" in err
+    assert sorted(read_parts(out / "manifest")["id"]) == ["00000000", "00000001"]
+    capsys.readouterr()
+    rc, err = run(small, out, model, "--seed", "5", capsys=capsys)
     assert rc == 2 and "seed 0 -> 5" in err and "--overwrite" in err
-    rc, err = run(small, out, tiny_safetensors, "--seed", "5", "--overwrite", capsys=capsys)
+    rc, err = run(small, out, model, "--seed", "5", "--overwrite", capsys=capsys)
     assert rc == 0, err
     m = read_parts(out / "manifest")
     assert sorted(m["seed"]) == sorted(jobs.derive_seed(5, i) for i in m["id"])
