@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 import shutil
 import tempfile
 
@@ -328,3 +327,31 @@ def test_bad_inputs_are_reported(data, tmp_path, capsys):
     assert "shape (64,)" in _error(capsys, [str(data["out"]), "--reference", str(tmp_path / "small.npz")] + w)
     assert "--metrics" in _error(capsys, [str(data["out"]), "--reference", str(data["ref"]), "--metrics", "fid,lpips"])
 
+
+def test_run_with_metrics_uses_the_images_in_memory(data, runs, tmp_path):
+    """`run --metrics`: the generation actors compute the features, nothing is read back, and
+    the numbers equal those of reading the PNGs back (up to float32 rounding: the images go
+    through Inception in generation batches)."""
+    from sdbatch.model.weights import save_random_checkpoint
+
+    model = save_random_checkpoint(tmp_path / "tiny.safetensors")
+    pq.write_table(pa.table({"prompt": [f"a photo of thing {i}" for i in range(10)]}), tmp_path / "p.parquet")
+    out, ref = tmp_path / "out", str(data["root"] / "ref.npz")
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.redirect_stderr(err):
+        rc = main(["run", str(tmp_path / "p.parquet"), "--model", str(model), "--output", str(out), "--width", "64",
+                   "--height", "64", "--steps", "2", "--batch-size", "5", "--workers", "1", "--metrics",
+                   "--reference", ref, "--inception-weights", data["weights"]])
+    assert rc == 0, err.getvalue()
+    assert "Inception features" not in err.getvalue()  # no feature actor ran: no image was read back
+    report = json.loads(stdout.getvalue())
+    assert report == json.loads((out / "metrics.json").read_text())
+    assert report["images"]["generated"] == {"source": str(out), "listed": 10, "used": 10, "unreadable": 0}
+    assert "kernel_inception_distance_mean" not in report  # the reference is a statistics file
+    (out / "metrics.json").unlink()
+    with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.redirect_stderr(io.StringIO()):
+        assert main(["metrics", str(out), "--reference", ref, "--inception-weights", data["weights"]]) == 0
+    again = json.loads(stdout.getvalue())
+    # (10 images in 10 IS splits: every split scores 1 and the IS std is rounding noise)
+    for key in ("frechet_inception_distance", "inception_score_mean", "inception_score_std"):
+        assert abs(report[key] - again[key]) <= 1e-4 * abs(again[key]) + 1e-12, (key, report[key], again[key])
