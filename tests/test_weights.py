@@ -206,8 +206,9 @@ def test_dtypes_and_auto(tiny_safetensors, reference):
     bf16 = sdbatch.load_model(tiny_safetensors, dtype=torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     assert bf16.dtype == torch.bfloat16
+    fp32 = reference.state_dict()
     for name, p in bf16.state_dict().items():
-        assert torch.equal(p, reference.state_dict()[name].bfloat16()), name
+        assert torch.equal(p, fp32[name].bfloat16()), name
     auto = sdbatch.load_model(tiny_safetensors, device="auto", dtype="auto")
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     expected = torch.bfloat16 if {"amx_bf16", "avx512_bf16"} & set(flags) else torch.float32
