@@ -30,7 +30,7 @@ from .vae import AutoencoderKL, VAEConfig, infer_vae_config, vae_config_from_dif
 
 LATENT_SCALE = 0.18215
 
-# component -> (key prefix in a single-file checkpoint, diffusers sub-folder)
+# component (also its diffusers sub-folder and our attribute name) -> key prefix in a single-file checkpoint
 PREFIXES = {
     "unet": "model.diffusion_model.",
     "vae": "first_stage_model.",
@@ -298,11 +298,10 @@ def read_diffusers_folder(folder: Path) -> tuple[dict, dict[str, dict[str, torch
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{sub / 'config.json'}: cannot read the {name} config: {e}") from None
         weights = _diffusers_weight_file(sub, tuple(stems))
+        sd = read_weights(weights)
         try:
-            parts[name] = to_ldm(read_weights(weights))
+            parts[name] = to_ldm(sd)
         except (ValueError, KeyError) as e:
-            if isinstance(e, CheckpointError):
-                raise
             raise CheckpointError(f"{weights}: not a diffusers SD v1.x {name}: {e}") from None
         files.append(weights)
     return configs, parts, files
