@@ -187,6 +187,10 @@ def test_diffusers_folder_errors_name_the_file(tiny_diffusers_dir, tmp_path):
     shutil.copy(tiny_diffusers_dir / "vae" / "diffusion_pytorch_model.safetensors", folder / "vae")
     with pytest.raises(CheckpointError, match=r"copy: unsupported diffusers config.*use_linear_projection"):
         sdbatch.load_model(folder)
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    shutil.copy(tiny_diffusers_dir / "text_encoder" / "model.safetensors", folder / "vae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"vae/diffusion_pytorch_model\.safetensors: not a diffusers SD v1.x vae"):
+        sdbatch.load_model(folder)
 
 
 def test_diffusers_folder_uses_its_own_tokenizer(tiny_diffusers_dir, tmp_path):
