@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import sdbatch
+from sdbatch.__main__ import main
 
 ARGS = ["--steps", "3", "--width", "64", "--height", "64", "--device", "cpu", "--dtype", "float32"]
 
@@ -67,9 +68,13 @@ def test_smoke_model_then_image_to_image(tmp_path):
         (["--init-image", "missing.png"], "--init-image missing.png"),
     ],
 )
-def test_bad_arguments(tiny_safetensors, tmp_path, args, message):
-    # the last occurrence of an option wins: the bad value overrides the good one
-    run = cli("generate", "a cat", "--model", str(tiny_safetensors), "-o", "out.png", *ARGS, *args, cwd=tmp_path)
-    assert run.returncode == 2
-    assert message in run.stderr
+def test_bad_arguments(tiny_safetensors, tmp_path, monkeypatch, capsys, args, message):
+    # in-process (no interpreter start-up per case); the last occurrence of an option wins
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["generate", "a cat", "--model", str(tiny_safetensors), "-o", "out.png", *ARGS, *args])
+    except SystemExit as exit:  # argparse rejects the value
+        code = exit.code
+    assert code == 2
+    assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
