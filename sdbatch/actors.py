@@ -38,7 +38,7 @@ def safe_name(image_id: str) -> str:
 
     Ids made of letters, digits, `_`, `-` and inner `.` (at most 100 characters, not ending
     in `.`) are used as they are; any other id becomes its safe characters plus the first 16
-    hex digits of its sha256 (`a/../b` -> `a_.._b-<hash>`), so distinct ids stay distinct.
+    hex digits of its sha256 (`a/../b` -> `a____b-<hash>`), so distinct ids stay distinct.
     """
     if _SAFE_ID.fullmatch(image_id) and not image_id.endswith("."):
         return image_id
