@@ -192,28 +192,32 @@ def result_schema(with_features: bool = False):
 class InceptionFeatureActor:
     """Turns shards of stored images into FID/IS/KID inputs with torch-fidelity's InceptionV3.
 
-    `weights`: [object ref of the Inception state dict], loaded (weights_only) once on the
-    driver. See `sdbatch.metrics.extract_shard` for what a shard returns.
+    Every call carries `weights`, [object ref of the Inception state dict] (loaded with
+    weights_only once on the driver): the actor builds the network on its first call, so a
+    restarted actor rebuilds it without constructor arguments in the object store. See
+    `sdbatch.metrics.extract_shard` for what a shard returns.
     """
 
-    def __init__(self, weights: list, threads: int | None = None, batch_size: int = 32):
-        import ray
+    def __init__(self, threads: int | None = None, batch_size: int = 32):
         import torch
-
-        from sdbatch.metrics import build_inception
 
         if threads:
             torch.set_num_threads(threads)
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = build_inception(ray.get(weights[0]), self._device)
         self.batch_size = batch_size
+        self.model = None
 
     def device(self) -> str:
         import torch
 
         return torch.cuda.get_device_name() if self._device == "cuda" else "cpu"
 
-    def extract(self, index: int, spec: tuple, keep_features: bool, keep_logits: bool) -> dict[str, Any]:
-        from sdbatch.metrics import extract_shard
+    def extract(self, index: int, spec: tuple, keep_features: bool, keep_logits: bool,
+                weights: list) -> dict[str, Any]:
+        import ray
 
+        from sdbatch.metrics import build_inception, extract_shard
+
+        if self.model is None:
+            self.model = build_inception(ray.get(weights[0]), self._device)
         return dict(extract_shard(self.model, spec, self.batch_size, keep_features, keep_logits), index=index)

@@ -601,12 +601,12 @@ def extract_on_ray(sides: list[tuple[Side, bool, bool]], weights: InceptionWeigh
     from sdbatch.jobs import actor_pool
 
     pool = actor_pool(str(workers) if workers else None, None)
-    # Handed over inside a list, the reference is not resolved by Ray at actor creation: each
-    # actor fetches the weights itself (the driver holds the reference until the run ends).
+    # Inside a list, the reference reaches the actor as it is: the actor fetches the weights
+    # once, on its first call (the driver holds the reference until the run ends).
     state = [ray.put(weights.state_dict)]
     actor_cls = ray.remote(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=2,
                            max_task_retries=2)(InceptionFeatureActor)
-    actors = [actor_cls.remote(state, threads=threads or pool.threads, batch_size=batch_size)
+    actors = [actor_cls.remote(threads=threads or pool.threads, batch_size=batch_size)
               for _ in range(pool.max_size)]
     device = ray.get(actors[0].device.remote())
     total = sum(int((~side.readable).sum()) for side, _, _ in sides)
@@ -616,7 +616,7 @@ def extract_on_ray(sides: list[tuple[Side, bool, bool]], weights: InceptionWeigh
     try:
         with tqdm(total=total, unit="img", desc="Inception features", file=sys.stderr) as bar:
             results = ActorPool(actors).map_unordered(
-                lambda a, i: a.extract.remote(i, work[i][2], work[i][3], work[i][4]), range(len(work)))
+                lambda a, i: a.extract.remote(i, *work[i][2:], weights=state), range(len(work)))
             for result in results:
                 side, ranks = work[result["index"]][:2]
                 side.add(ranks, result)
