@@ -859,16 +859,20 @@ def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"weights file (default: ${WEIGHTS_ENV}, else the cache, else downloaded)")
     parser.add_argument("--workers", type=int, default=None,
                         help="feature actors (default: one per GPU; one on a CPU-only cluster)")
-    parser.add_argument("--batch-size", type=int, default=Settings.batch_size)
+    parser.add_argument("--batch-size", type=int, default=Settings.batch_size,
+                        help="images per Inception forward pass (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per CPU actor (default: the CPUs split across the actors)")
     parser.add_argument("--shard-size", type=int, default=None,
                         help="images per actor task (default: about 4 tasks per actor, 16-2048 images)")
-    parser.add_argument("--metrics", default="fid,isc,kid", help="comma-separated subset of fid,isc,kid")
-    parser.add_argument("--isc-splits", type=int, default=Settings.isc_splits)
-    parser.add_argument("--kid-subsets", type=int, default=Settings.kid_subsets)
-    parser.add_argument("--kid-subset-size", type=int, default=Settings.kid_subset_size)
-    parser.add_argument("--seed", type=int, default=Settings.seed, help="torch-fidelity's rng_seed")
+    parser.add_argument("--metrics", default="fid,isc,kid", help="comma-separated subset of fid,isc,kid "
+                        "(default: all three; KID needs reference images, not statistics)")
+    parser.add_argument("--isc-splits", type=int, default=Settings.isc_splits, help="(default: %(default)s)")
+    parser.add_argument("--kid-subsets", type=int, default=Settings.kid_subsets, help="(default: %(default)s)")
+    parser.add_argument("--kid-subset-size", type=int, default=Settings.kid_subset_size,
+                        help="(default: %(default)s; lowered, with a warning, to the smaller side's count)")
+    parser.add_argument("--seed", type=int, default=Settings.seed,
+                        help="torch-fidelity's rng_seed, for the IS shuffle and the KID subsets (default: %(default)s)")
     parser.add_argument("--image-column", default="image", help="a Parquet table's image column "
                         "(URIs, encoded bytes, or {bytes, path} structs)")
     parser.add_argument("--json", metavar="PATH", help="where to write metrics.json (default: OUT/metrics.json)")
