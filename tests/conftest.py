@@ -14,12 +14,6 @@ import torch
 from sdbatch.model.tokenizer import VOCAB_DIR
 from sdbatch.model.weights import DIFFUSERS_COMPONENTS, ldm_state_dict, randomize_, save_checkpoint
 
-# The tiny test models gain nothing from threads, and on a busy machine OpenMP's spinning
-# barriers make two threads 10-50x slower than one; subprocesses inherit the setting.
-TEST_THREADS = os.environ.setdefault("SDBATCH_TEST_THREADS", "1")
-os.environ.setdefault("OMP_NUM_THREADS", TEST_THREADS)
-torch.set_num_threads(int(TEST_THREADS))
-
 # SD v1.5's scheduler/scheduler_config.json
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -34,6 +28,15 @@ SD15_SCHEDULER = {
     "steps_offset": 1,
     "trained_betas": None,
 }
+
+
+def pytest_configure(config):
+    # The tiny test models gain nothing from threads, and on a busy machine OpenMP's spinning
+    # barriers make two threads 10-50x slower than one; subprocesses inherit the setting.
+    # (Here rather than at import: benchmarks import this module's builders.)
+    threads = os.environ.setdefault("SDBATCH_TEST_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    torch.set_num_threads(int(threads))
 
 
 def pytest_collection_modifyitems(config, items):
