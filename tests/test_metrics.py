@@ -128,27 +128,24 @@ def runs(data, ray_local):
 
     run("save_ref", ["metrics", str(data["ref"]), "--save-stats", str(root / "ref.npz"), "--workers", "1"]
         + w + CLI_OPTS)
-    run("one", ["metrics", str(data["out"]), "--reference", str(root / "ref.npz"), "--workers", "1"] + w + CLI_OPTS)
+    run("one", ["metrics", str(data["out"]), "--reference", str(data["ref"]), "--workers", "1"] + w + CLI_OPTS)
     run("several", ["metrics", str(data["bad"]), "--reference", str(data["table"]), "--workers", "2",
                     "--shard-size", "3",
                     "--save-stats", str(root / "gen.npz")] + w + CLI_OPTS)
     return results
 
 
-def test_one_actor_matches_torch_fidelity_with_npz_reference(runs, data, reference):
+def test_one_actor_matches_torch_fidelity(runs, data, reference):
     rc, out, err = runs["one"]
     assert rc == 0, err
     report = json.loads(out)
     assert report == json.loads((data["out"] / "metrics.json").read_text())
-    for key in ("frechet_inception_distance", "inception_score_mean", "inception_score_std"):
+    for key in KEYS:
         assert _rel(report[key], reference[key]) < 1e-6, (key, report[key], reference[key])
     assert reference["inception_score_mean"] > 1.5  # the random weights give a non-trivial IS
-    # A statistics file holds no features: KID is not given, and the report says why.
-    assert "kernel_inception_distance_mean" not in report
-    assert any("KID skipped" in w for w in report["warnings"])
-    assert report["images"]["generated"] == {"source": str(data["out"]), "listed": N_GEN, "used": N_GEN,
-                                             "unreadable": 0}
-    assert report["images"]["reference"]["statistics_of"] == N_REF
+    assert report["images"] == {
+        "generated": {"source": str(data["out"]), "listed": N_GEN, "used": N_GEN, "unreadable": 0},
+        "reference": {"source": str(data["ref"]), "listed": N_REF, "used": N_REF, "unreadable": 0}}
     assert any("fewer than the 2048" in w for w in report["warnings"])
     assert f"warning: generated: {N_GEN} images, fewer than the 2048" in err
     s = report["settings"]
@@ -347,7 +344,10 @@ def test_run_with_metrics_uses_the_images_in_memory(data, runs, tmp_path):
     report = json.loads(stdout.getvalue())
     assert report == json.loads((out / "metrics.json").read_text())
     assert report["images"]["generated"] == {"source": str(out), "listed": 10, "used": 10, "unreadable": 0}
-    assert "kernel_inception_distance_mean" not in report  # the reference is a statistics file
+    # A statistics file holds no features: KID is not given, and the report says why.
+    assert "kernel_inception_distance_mean" not in report
+    assert any("KID skipped" in w for w in report["warnings"])
+    assert report["images"]["reference"] == {"source": ref, "statistics_of": N_REF}
     (out / "metrics.json").unlink()
     with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.redirect_stderr(io.StringIO()):
         assert main(["metrics", str(out), "--reference", ref, "--inception-weights", data["weights"]]) == 0
