@@ -18,6 +18,7 @@ from PIL import Image
 
 from sdbatch import metrics
 from sdbatch.jobs import main
+from conftest import set_env
 
 N_GEN, N_REF = 12, 10
 OPTS = dict(isc_splits=3, kid_subsets=10, kid_subset_size=6, rng_seed=2020)
@@ -26,6 +27,7 @@ OPTS = dict(isc_splits=3, kid_subsets=10, kid_subset_size=6, rng_seed=2020)
 # one thread, so that any difference left comes from the metrics' own arithmetic.
 CLI_OPTS = ["--isc-splits", "3", "--kid-subsets", "10", "--kid-subset-size", "6", "--batch-size", "1",
             "--threads", "1"]
+REF_NPZ = "s3://metrics/ref.npz"  # written by the `runs` fixture
 KEYS = ("frechet_inception_distance", "inception_score_mean", "inception_score_std",
         "kernel_inception_distance_mean", "kernel_inception_distance_std")
 
@@ -92,19 +94,21 @@ def reference(data):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3_endpoint):
+    """A private local Ray whose workers (and this process) reach the S3 test endpoint."""
     import ray
 
-    if ray.is_initialized():  # another module's cluster: use it, leave it running
-        yield
-        return
-    tmp = tempfile.mkdtemp(prefix="sdbm-", dir="/tmp")
-    ray.init(address="local", num_cpus=2, _temp_dir=tmp, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with set_env(AWS_ENDPOINT_URL=s3_endpoint):
+        if ray.is_initialized():  # another module's cluster: use it, leave it running
+            yield
+            return
+        tmp = tempfile.mkdtemp(prefix="sdbm-", dir="/tmp")
+        ray.init(address="local", num_cpus=2, _temp_dir=tmp, include_dashboard=False, logging_level="WARNING")
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
@@ -116,7 +120,13 @@ def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def runs(data, ray_local):
-    """The three Ray runs every comparison below reads (module-scoped: extraction is the cost)."""
+    """The three Ray runs every comparison below reads (module-scoped: extraction is the cost).
+    The reference statistics are made from a copy of the reference images on S3, and saved there."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("metrics")
+    fs.put(str(data["ref"]) + "/", "metrics/ref/", recursive=True)
     root, w = data["root"], ["--inception-weights", data["weights"]]
     results = {}
 
@@ -126,8 +136,7 @@ def runs(data, ray_local):
             rc = main(argv)
         results[name] = (rc, out.getvalue(), err.getvalue())
 
-    run("save_ref", ["metrics", str(data["ref"]), "--save-stats", str(root / "ref.npz"), "--workers", "1"]
-        + w + CLI_OPTS)
+    run("save_ref", ["metrics", "s3://metrics/ref", "--save-stats", REF_NPZ, "--workers", "1"] + w + CLI_OPTS)
     run("one", ["metrics", str(data["out"]), "--reference", str(data["ref"]), "--workers", "1"] + w + CLI_OPTS)
     run("several", ["metrics", str(data["bad"]), "--reference", str(data["table"]), "--workers", "2",
                     "--shard-size", "3",
@@ -172,14 +181,16 @@ def test_several_actors_match_torch_fidelity_despite_unreadable_images(runs, dat
 def test_saved_statistics_give_torch_fidelity_fid(runs, data, reference, capsys):
     assert runs["save_ref"][0] == 0, runs["save_ref"][2]
     assert f"saved FID statistics of {N_REF} images" in runs["save_ref"][2]
-    assert not (data["ref"] / "metrics.json").exists()
-    ref = metrics.load_stats(str(data["root"] / "ref.npz"))
+    import s3fs
+
+    assert s3fs.S3FileSystem().ls("metrics/ref") == [f"metrics/ref/r{i:03d}.png" for i in range(N_REF)]
+    ref = metrics.load_stats(REF_NPZ)
     assert ref["n"] == N_REF and ref["sigma"].shape == (2048, 2048)
     np.testing.assert_allclose(ref["sigma"], ref["sigma"].T, rtol=0, atol=1e-12)
     # Two statistics files: FID only, no Ray, nothing written unless --json says where.
     target = data["root"] / "two-npz.json"
     rc, out, err = _run(capsys, ["metrics", str(data["root"] / "gen.npz"), "--reference",
-                                 str(data["root"] / "ref.npz"), "--json", str(target),
+                                 REF_NPZ, "--json", str(target),
                                  "--inception-weights", data["weights"]])
     assert rc == 0, err
     report = json.loads(out)
@@ -333,7 +344,7 @@ def test_run_with_metrics_uses_the_images_in_memory(data, runs, tmp_path):
 
     model = save_random_checkpoint(tmp_path / "tiny.safetensors")
     pq.write_table(pa.table({"prompt": [f"a photo of thing {i}" for i in range(10)]}), tmp_path / "p.parquet")
-    out, ref = tmp_path / "out", str(data["root"] / "ref.npz")
+    out, ref = tmp_path / "out", REF_NPZ
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.redirect_stderr(err):
         rc = main(["run", str(tmp_path / "p.parquet"), "--model", str(model), "--output", str(out), "--width", "64",
