@@ -69,8 +69,10 @@ def official_weights() -> tuple[str, str, str]:
 
 
 def weights_cache_dir() -> str:
-    root = os.environ.get("SDBATCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sdbatch")
-    return os.path.join(root, "inception")
+    """$SDBATCH_CACHE/inception (default ~/.cache/sdbatch/inception), beside the model cache."""
+    from sdbatch.model.weights import cache_dir
+
+    return os.path.join(cache_dir(), "inception")
 
 
 def _is_official_name(path: str) -> bool:

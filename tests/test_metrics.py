@@ -285,7 +285,7 @@ def _error(capsys, argv):
 
 def test_missing_weights_name_the_file_and_where_to_put_it(data, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(metrics.WEIGHTS_ENV, raising=False)
-    monkeypatch.setenv("SDBATCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SDBATCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv(metrics.WEIGHTS_URL_ENV, "http://127.0.0.1:9/weights.pth")  # refuses connections
     err = _error(capsys, [str(data["ref"]), "--save-stats", str(tmp_path / "x.npz")])
