@@ -273,7 +273,8 @@ class Output:
 
 
 class Recorder:
-    """Turns the actors' results into manifest and error parts, each id at most once."""
+    """Turns the actors' results into manifest and error parts, each id at most once: the
+    first results at once, then every FLUSH_S seconds or FLUSH_ROWS rows, and at the end."""
 
     FLUSH_ROWS, FLUSH_S = 512, 5.0
 
@@ -284,7 +285,7 @@ class Recorder:
         self.done: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
         self.model_hash: str | None = None
-        self.last_flush = time.monotonic()
+        self.last_flush = -math.inf  # the first results are recorded at once
 
     def add(self, results: list[dict[str, Any]]) -> tuple[int, int]:
         """Queues results; returns (new images, new errors)."""
