@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -74,8 +75,8 @@ def main() -> None:
 
         import ray
 
-        ray.init(address="local", _temp_dir=tempfile.mkdtemp(prefix="bm-", dir="/tmp"),
-                 include_dashboard=False, logging_level="WARNING")
+        ray_tmp = tempfile.mkdtemp(prefix="bm-", dir="/tmp")  # short: Ray's socket paths
+        ray.init(address="local", _temp_dir=ray_tmp, include_dashboard=False, logging_level="WARNING")
         try:
             side = metrics.Side(source, readable=np.zeros(source.count, dtype=bool))
             start = time.perf_counter()
@@ -84,6 +85,7 @@ def main() -> None:
                 time.perf_counter() - start
         finally:
             ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     base = args.images / results["torch-fidelity (one process)"]
     for name, seconds in results.items():
         rate = args.images / seconds
