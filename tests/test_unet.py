@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sdbatch.model.layers import PackedConv2d, pack_for_cpu
 from sdbatch.model.unet import (
     UNetConfig,
     UNetModel,
@@ -130,6 +131,26 @@ def test_bf16_close_to_fp32(ours, reference):
         got = model(x, t, context)
     assert got.dtype == torch.float32  # the output comes back in the input's dtype
     assert max_rel_diff(got, expected) < 0.05
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
+def test_packed_for_cpu_matches_unpacked(reference, dtype, tolerance):
+    _, config, sd = reference
+    model = UNetModel(unet_config_from_diffusers(config)).eval()
+    model.load_state_dict(sd)
+    model.to(dtype)
+    x, context = inputs(2, 8, 16)
+    t = torch.tensor([30, 900])
+    with torch.no_grad():
+        expected = model(x, t, context)
+        plain = model.state_dict()
+        pack_for_cpu(model)
+        got = model(x, t, context)
+    assert isinstance(model.out[2], PackedConv2d) and isinstance(model.input_blocks[3][0].op, PackedConv2d)
+    assert got.is_contiguous() and max_rel_diff(got, expected) <= tolerance
+    packed = model.state_dict()
+    assert packed.keys() == plain.keys() and all(torch.equal(packed[k], plain[k]) for k in plain)
 
 
 def test_full_size_sd15_counts():

@@ -45,17 +45,23 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        # in-place SiLU and adds on fresh tensors: fewer passes over memory, same results
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(inplace=True), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            normalization(out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            normalization(out_channels),
+            nn.SiLU(inplace=True),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        h += self.emb_layers(emb)[:, :, None, None]
+        return self.out_layers(h).add_(self.skip_connection(x))
 
 
 class CrossAttention(nn.Module):
@@ -81,7 +87,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return F.gelu(gate).mul_(x)
 
 
 class FeedForward(nn.Module):
@@ -124,7 +130,7 @@ class SpatialTransformer(nn.Module):
         t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             t = block(t, context)
-        return x + self.proj_out(t.transpose(1, 2).reshape(b, c, h, w))
+        return self.proj_out(t.transpose(1, 2).reshape(b, c, h, w)).add_(x)
 
 
 class Downsample(nn.Module):
@@ -191,7 +197,7 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(inplace=True), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         """Predict the noise: x (B, C, h, w), timesteps (B,) or scalar, context (B, L, context_dim)."""
@@ -201,7 +207,9 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
         context = context.to(dtype)
 
-        h = x.to(dtype)
+        # channels-last activations when the convs hold channels-last or packed weights (oneDNN on CPU)
+        layout = torch.channels_last if _is_channels_last(self.input_blocks[0][0].weight) else torch.contiguous_format
+        h = x.to(dtype).contiguous(memory_format=layout)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -209,7 +217,11 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h).to(x.dtype)
+        return self.out(h).to(x.dtype, memory_format=torch.contiguous_format)
+
+
+def _is_channels_last(weight: torch.Tensor) -> bool:
+    return weight.is_mkldnn or (weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
 
 
 def _ldm_key_error(what: str) -> ValueError:
