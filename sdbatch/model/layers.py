@@ -27,3 +27,61 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+
+class _Packed(nn.Module):
+    """A layer whose weight is kept in oneDNN's blocked layout; state_dict() gives it back dense."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight.to_dense()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias
+
+
+class PackedConv2d(_Packed):
+    """CPU inference Conv2d with its weight reordered once, not on every call as nn.Conv2d
+    does (which costs as much as the convolution itself at the U-Net's low resolutions).
+    Takes channels-last input."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self.args = ([*conv.padding], [*conv.stride], [*conv.dilation], conv.groups)
+        weight = conv.weight.detach().contiguous(memory_format=torch.channels_last)
+        hint = [1, conv.in_channels, 64, 64]  # the chosen layout barely depends on the input size
+        super().__init__(torch.ops.mkldnn._reorder_convolution_weight(weight, *self.args, hint), conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args, "none", [], "")
+
+
+class PackedLinear(_Packed):
+    """CPU inference Linear with its weight reordered once."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1024), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def pack_for_cpu(module: nn.Module) -> nn.Module:
+    """Replace every Conv2d and Linear in `module` (in place) by its packed CPU inference form.
+
+    For float32/bfloat16 models on CPU, once the weights are loaded. The module then runs on
+    CPU only and cannot be trained, moved or cast; state_dict() still gives the plain weights.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return module
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d):
+            setattr(module, name, PackedConv2d(child))
+        elif isinstance(child, nn.Linear):
+            setattr(module, name, PackedLinear(child))
+        else:
+            pack_for_cpu(child)
+    return module
