@@ -215,3 +215,24 @@ def test_bad_input_errors(model, case):
 
 def test_empty_batch(model):
     assert sdbatch.generate(model, [], seeds=[], width=64, height=32, progress=False).shape == (0, 32, 64, 3)
+
+
+@pytest.fixture(scope="module")
+def full_size(tmp_path_factory):
+    """SD1.5's size, random weights saved as a diffusers folder and loaded by both (about 9 GiB)."""
+    from conftest import diffusers_components, save_diffusers_folder
+
+    folder = save_diffusers_folder(diffusers_components("full"), tmp_path_factory.mktemp("sd15") / "sd15")
+    txt2img = StableDiffusionPipeline.from_pretrained(folder)
+    img2img = StableDiffusionImg2ImgPipeline(**txt2img.components)
+    for pipe in (txt2img, img2img):
+        pipe.set_progress_bar_config(disable=True)
+    return sdbatch.load_model(folder), (txt2img, img2img, txt2img.scheduler.config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler,img2img", [("dpmpp_2m_karras", False), ("euler_a", True)])
+def test_full_size_matches_diffusers(full_size, sampler, img2img):
+    model, pipes = full_size
+    expected = run_diffusers(pipes, sampler, NEGATIVES, 7.5, img2img)
+    assert_images_close(run_ours(model, sampler, NEGATIVES, 7.5, img2img), expected, tol=2)
