@@ -35,17 +35,19 @@ from conftest import diffusers_components  # noqa: E402  (the SD1.5-size random 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = ("vae_decode", "vae_encode", "text_encoder")
 
+# peak RSS from VmHWM: ru_maxrss would include the parent's peak, which survives fork and exec
 LOAD_SCRIPT = """
-import resource, sys, time, torch, sdbatch
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+import re, sys, time, torch, sdbatch
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) * 1024
+base = peak()
 start = time.perf_counter()
 model = sdbatch.load_model(sys.argv[1])
 elapsed = time.perf_counter() - start
 weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 for t in model.state_dict().values():  # fault in memory-mapped (.ckpt) weights, as running the model does
     t.sum()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(weights, base, peak, elapsed)
+print(weights, base, peak(), elapsed)
 """
 
 
