@@ -21,6 +21,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 import sdbatch
+from sdbatch.model.layers import pack_for_cpu
 from sdbatch.model.tokenizer import VOCAB_DIR
 from sdbatch.model.weights import DIFFUSERS_COMPONENTS, ModelConfig, StableDiffusion
 
@@ -85,11 +86,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="timed runs per pipeline and setting")
     parser.add_argument("--quick", action="store_true", help="256x256, batch 1, 4 steps")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--pack-unet", action="store_true",
+                        help="sdbatch's U-Net with pack_for_cpu (oneDNN pre-reordered weights; one more copy of them)")
     args = parser.parse_args()
     if args.quick:
         args.size, args.batch, args.steps = [256], [1], 4
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps dpmpp_2m_karras, cfg 7.5", flush=True)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps dpmpp_2m_karras, cfg 7.5"
+          f"{', sdbatch U-Net packed' if args.pack_unet else ''}", flush=True)
 
     components = diffusers_components("full")
     tokenizer = CLIPTokenizer.from_pretrained(str(VOCAB_DIR), model_max_length=77)
@@ -104,6 +108,8 @@ def main() -> None:
         for module in components.values():
             module.to(dtype)
         model = ours_from(components)
+        if args.pack_unet:
+            pack_for_cpu(model.unet)
         pipe = StableDiffusionPipeline(**components, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False,
                                        scheduler=DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER, use_karras_sigmas=True))
