@@ -99,6 +99,29 @@ def test_config_inferred_from_shapes(reference):
     assert infer_unet_config(sd) == expected
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        UNetConfig(model_channels=32, channel_mult=(2, 2), num_res_blocks=1, attention_levels=(1,), context_dim=16),
+        UNetConfig(model_channels=32, channel_mult=(1, 2, 3), num_res_blocks=3, attention_levels=(0, 2), context_dim=24),
+        UNetConfig(model_channels=64, channel_mult=(1,), attention_levels=(), context_dim=32, transformer_depth=2),
+        UNetConfig(model_channels=32, channel_mult=(1, 1), attention_levels=(0, 1), in_channels=9, out_channels=8, context_dim=16),
+    ],
+)
+def test_other_shapes_build_run_and_infer(config):
+    model = UNetModel(config).eval()
+    assert infer_unet_config(model.state_dict()) == config
+    x = torch.randn(1, config.in_channels, 8, 12)
+    with torch.no_grad():
+        out = model(x, torch.tensor([7]), torch.randn(1, 5, config.context_dim))
+    assert out.shape == (1, config.out_channels, 8, 12)
+
+
+def test_config_rejects_missing_attention_level():
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNetConfig(channel_mult=(1, 2), attention_levels=(0, 2))
+
+
 def test_state_dict_keys_are_ldm_and_complete(reference, ours):
     _, _, sd = reference
     assert set(sd) == set(ours.state_dict())

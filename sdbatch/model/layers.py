@@ -39,7 +39,8 @@ class _Packed(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.weight.to_dense()
+        weight = self.weight
+        destination[prefix + "weight"] = weight.to_dense() if weight.is_mkldnn else weight.contiguous()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias
 
@@ -47,15 +48,16 @@ class _Packed(nn.Module):
 class PackedConv2d(_Packed):
     """CPU inference Conv2d with its weight reordered once, not on every call as nn.Conv2d
     does (which costs as much as the convolution itself at the U-Net's low resolutions).
+    The layout oneDNN picks depends on the input shape: the first call's input decides.
     Takes channels-last input."""
 
     def __init__(self, conv: nn.Conv2d):
         self.args = ([*conv.padding], [*conv.stride], [*conv.dilation], conv.groups)
-        weight = conv.weight.detach().contiguous(memory_format=torch.channels_last)
-        hint = [1, conv.in_channels, 64, 64]  # the chosen layout barely depends on the input size
-        super().__init__(torch.ops.mkldnn._reorder_convolution_weight(weight, *self.args, hint), conv.bias)
+        super().__init__(conv.weight.detach().contiguous(memory_format=torch.channels_last), conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.weight.is_mkldnn:
+            self.weight = torch.ops.mkldnn._reorder_convolution_weight(self.weight, *self.args, list(x.shape))
         return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args, "none", [], "")
 
 

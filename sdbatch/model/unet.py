@@ -32,6 +32,8 @@ class UNetConfig:
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
         self.attention_levels = tuple(self.attention_levels)
+        if not set(self.attention_levels) <= set(range(len(self.channel_mult))):
+            raise ValueError(f"attention_levels {self.attention_levels} outside the {len(self.channel_mult)} levels")
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -197,7 +199,7 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(inplace=True), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(inplace=True), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         """Predict the noise: x (B, C, h, w), timesteps (B,) or scalar, context (B, L, context_dim)."""
