@@ -68,7 +68,7 @@ def inputs(batch: int, h: int, w: int, seed: int = 1):
     return torch.randn(batch, 4, h, w, generator=g), torch.randn(batch, 77, TINY_UNET["cross_attention_dim"], generator=g)
 
 
-@pytest.mark.parametrize("shape", [(8, 8), (8, 16)])
+@pytest.mark.parametrize("shape", [(8, 8), (8, 16), (6, 10)])  # 6x10: odd sizes below, upsampled to the skip size
 @pytest.mark.parametrize("timesteps", [[1, 999], [500, 500], [250.5, 0.0]])
 def test_matches_diffusers(reference, ours, shape, timesteps):
     ref = reference[0]

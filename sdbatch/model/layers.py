@@ -19,14 +19,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cau
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling then a 3x3 conv (named `conv`, as in both LDM checkpoints)."""
+    """Nearest-neighbour upsampling (2x, or to `size`) then a 3x3 conv (named `conv`, as in both LDM checkpoints)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 

@@ -147,12 +147,16 @@ class Downsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A U-Net stage: hands the time embedding to ResBlocks and the context to transformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, upsample_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -218,7 +222,9 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            # odd latent sizes (e.g. 520 px -> 65) round down when downsampled: upsample to the skip's size
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(x.dtype, memory_format=torch.contiguous_format)
 
 
