@@ -320,7 +320,7 @@ def test_job_grows_a_cluster_from_zero_gpu_nodes_and_it_shrinks_back(tiny_safete
         assert len(ids) == len(set(ids)), "a row was recorded twice"
         assert set(ids) == set(pq.read_table(prompts).column("id").to_pylist())
         assert all(Path(r["image"].removeprefix("file://")).is_file() for r in manifest)
-        assert len({r["worker"] for r in manifest}) == gpu_node["max_workers"]
+        # how the rows spread over the actors depends on when the second node comes up: not asserted
 
         # the pool's bound: from the head's config file; without one, an autoscaler of unknown reach
         assert cluster_limits(cluster, driver_env, tmp_path)["GPU"] == gpu_node["max_workers"]
