@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from sdbatch.model.clip import CLIPTextEncoder, clip_config_from_diffusers, clip_state_dict_from_diffusers
+from sdbatch.model.layers import pack_for_cpu
 from sdbatch.model.tokenizer import Tokenizer
 from sdbatch.model.vae import AutoencoderKL, vae_config_from_diffusers, vae_state_dict_from_diffusers
 from sdbatch.model.weights import load_component_
@@ -65,6 +66,7 @@ def build(dtype: torch.dtype) -> dict:
     cpu = torch.device("cpu")
     load_component_(vae, "vae", vae_state_dict_from_diffusers(vae_ref.state_dict()), "diffusers", cpu, dtype)
     load_component_(text, "text_encoder", clip_state_dict_from_diffusers(text_ref.state_dict()), "diffusers", cpu, dtype)
+    pack_for_cpu(vae), pack_for_cpu(text)  # as load_model does on CPU
 
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 64, 64, generator=gen).to(dtype)

@@ -57,7 +57,8 @@ def _rss() -> float:
 
 
 def ours_from(components: dict) -> StableDiffusion:
-    """Our model built on the diffusers modules' own tensors."""
+    """Our model built on the diffusers modules' own tensors, packed for the CPU as load_model does
+    (which copies the convolution and linear weights)."""
     configs = {
         "unet": dict(components["unet"].config),
         "vae": dict(components["vae"].config),
@@ -68,6 +69,7 @@ def ours_from(components: dict) -> StableDiffusion:
         model = StableDiffusion(config)
     for name, module in components.items():
         getattr(model, name).load_state_dict(DIFFUSERS_COMPONENTS[name][1](module.state_dict()), assign=True)
+        pack_for_cpu(getattr(model, name))
     return model.eval().requires_grad_(False)
 
 
@@ -86,14 +88,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="timed runs per pipeline and setting")
     parser.add_argument("--quick", action="store_true", help="256x256, batch 1, 4 steps")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--pack-unet", action="store_true",
-                        help="sdbatch's U-Net with pack_for_cpu (oneDNN pre-reordered weights; one more copy of them)")
     args = parser.parse_args()
     if args.quick:
         args.size, args.batch, args.steps = [256], [1], 4
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps dpmpp_2m_karras, cfg 7.5"
-          f"{', sdbatch U-Net packed' if args.pack_unet else ''}", flush=True)
+          flush=True)
 
     components = diffusers_components("full")
     tokenizer = CLIPTokenizer.from_pretrained(str(VOCAB_DIR), model_max_length=77)
@@ -108,8 +108,6 @@ def main() -> None:
         for module in components.values():
             module.to(dtype)
         model = ours_from(components)
-        if args.pack_unet:
-            pack_for_cpu(model.unet)
         pipe = StableDiffusionPipeline(**components, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False,
                                        scheduler=DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER, use_karras_sigmas=True))

@@ -1,8 +1,8 @@
 """U-Net forward at full SD1.5 size: sdbatch against diffusers on the same random weights.
 
 All models share one set of weights, run in the same dtype and thread count, alternating:
-diffusers' UNet2DConditionModel, ours as built, and ours after `pack_for_cpu` (conv/linear
-weights reordered once for oneDNN). Full size needs up to 7 GiB (fp32); on a shared machine
+diffusers' UNet2DConditionModel, ours as `load_model` gives it on CPU (conv/linear weights
+packed once for oneDNN by `pack_for_cpu`), and ours unpacked, for comparison. Full size needs up to 7 GiB (fp32); on a shared machine
 take the benchmark lock, and on a busy one time CPU seconds of one thread (--threads 1 --cpu-time):
 
     flock /tmp/sdbatch-bench.lock .venv/bin/python benchmarks/bench_unet.py --size 256 512 --dtype fp32 bf16
@@ -79,8 +79,8 @@ def main() -> None:
             t = torch.tensor([999, 500][: args.batch] + [1] * max(0, args.batch - 2))
             runs = {
                 "diffusers": lambda: ref(x, t, encoder_hidden_states=context).sample,
-                "sdbatch": lambda: ours(x, t, context),
-                "packed": lambda: packed(x, t, context),
+                "sdbatch": lambda: packed(x, t, context),
+                "unpacked": lambda: ours(x, t, context),
             }
             times: dict[str, list[float]] = {k: [] for k in runs}
             with torch.inference_mode():
@@ -92,7 +92,7 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             print(
                 f"{name} {size}x{size}: diffusers {med['diffusers']:.2f}s, "
-                + ", ".join(f"{k} {med[k]:.2f}s (ratio {med[k] / med['diffusers']:.2f})" for k in ("sdbatch", "packed"))
+                + ", ".join(f"{k} {med[k]:.2f}s (ratio {med[k] / med['diffusers']:.2f})" for k in ("sdbatch", "unpacked"))
                 + f"; peak RSS {peak_rss_gib():.1f} GiB; runs "
                 + str({k: [round(v, 2) for v in vs] for k, vs in times.items()}),
                 flush=True,

@@ -176,6 +176,38 @@ def test_packed_for_cpu_matches_unpacked(reference, dtype, tolerance):
     assert packed.keys() == plain.keys() and all(torch.equal(packed[k], plain[k]) for k in plain)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_packed_modules_stay_usable(reference):
+    """Packed for one input shape, the U-Net still computes other shapes, casts and moves
+    (unpacking first), and loads a state dict."""
+    _, config, sd = reference
+    plain = UNetModel(unet_config_from_diffusers(config)).eval()
+    plain.load_state_dict(sd)
+    packed = pack_for_cpu(UNetModel(unet_config_from_diffusers(config)).eval())
+    packed.load_state_dict(sd)
+    t = torch.tensor([30, 900])
+    with torch.no_grad():
+        for h, w in ((8, 16), (16, 8), (24, 24)):  # the first call packs for 8x16
+            x, context = inputs(2, h, w)
+            assert max_rel_diff(packed(x, t, context), plain(x, t, context)) <= 1e-4
+        assert packed.out[2].weight.is_mkldnn
+
+        packed.to(torch.float64)  # not packable: runs the plain ops
+        plain.to(torch.float64)
+        assert not packed.out[2].weight.is_mkldnn and packed.out[2].weight.dtype == torch.float64
+        x, context = inputs(2, 8, 8)
+        assert max_rel_diff(packed(x.double(), t, context.double()), plain(x.double(), t, context.double())) <= 1e-10
+        assert not packed.out[2].weight.is_mkldnn
+
+        packed.to(torch.float32)
+        packed(x, t, context)
+        assert packed.out[2].weight.is_mkldnn  # packed again on the next CPU call
+        other = {k: v.clone() * 0.5 if k == "out.2.weight" else v for k, v in sd.items()}
+        packed.load_state_dict(other)
+        plain.to(torch.float32).load_state_dict(other)
+        assert max_rel_diff(packed(x, t, context), plain(x, t, context)) <= 1e-4
+
+
 def test_full_size_sd15_counts():
     with torch.device("meta"):
         model = UNetModel(UNetConfig())

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sdbatch
+from sdbatch.model.layers import PackedConv2d
 from sdbatch.model.weights import CheckpointError, ModelConfig, read_safetensors, save_checkpoint, save_random_checkpoint
 
 from conftest import diffusers_components, ldm_checkpoint, save_diffusers_folder
@@ -70,6 +71,9 @@ def test_model_interface(reference):
     tensors = list(reference.parameters()) + list(reference.buffers())
     assert all(not t.is_meta and not t.requires_grad for t in tensors)
     assert not reference.training
+    # on CPU every convolution and linear layer is packed for oneDNN
+    assert not any(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in reference.modules())
+    assert isinstance(reference.unet.out[2], PackedConv2d) and isinstance(reference.vae.quant_conv, PackedConv2d)
 
 
 def test_bare_ckpt_and_float_position_ids(tiny_ldm_state_dict, tmp_path, reference):
@@ -354,9 +358,9 @@ def test_full_size_matches_diffusers(tmp_path):
     model = sdbatch.load_model(tmp_path / "sd15.safetensors")
     assert digests(model) == from_folder
     assert model.config == ModelConfig(latent_scale=0.18215)
-    assert sum(p.numel() for p in model.unet.parameters()) == 859_520_964
-    assert sum(p.numel() for p in model.vae.parameters()) == 83_653_863
-    assert sum(p.numel() for p in model.text_encoder.parameters()) == 123_060_480
+    assert sum(t.numel() for t in model.unet.state_dict().values()) == 859_520_964
+    assert sum(t.numel() for t in model.vae.state_dict().values()) == 83_653_863
+    assert sum(t.numel() for t in model.text_encoder.state_dict().values()) == 123_060_480
 
     def close(out: torch.Tensor, expected: torch.Tensor) -> bool:
         return (out - expected).abs().max() < 1e-4 * max(1.0, expected.abs().max())

@@ -32,55 +32,83 @@ class Upsample(nn.Module):
 
 
 
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 class _Packed(nn.Module):
-    """A layer whose weight is kept in oneDNN's blocked layout; state_dict() gives it back dense."""
+    """A Conv2d/Linear for inference whose weight is reordered into oneDNN's blocked layout on
+    its first CPU call (float32/bfloat16), not on every call as nn.Conv2d/nn.Linear do (which
+    costs as much as the convolution itself at the U-Net's low resolutions).
+
+    Anywhere else (CUDA, MPS, float16) it runs the plain op. Moving or casting (`.to()`)
+    turns the weight dense again first, and state_dict() always gives it dense.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", weight.detach())
         self.register_buffer("bias", None if bias is None else bias.detach())
 
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+    def _dense_weight(self) -> torch.Tensor:
+        return self.weight.to_dense() if self.weight.is_mkldnn else self.weight
+
+    def _packs_here(self) -> bool:
+        """Whether the weight is (or can now be) in packed form."""
         weight = self.weight
-        destination[prefix + "weight"] = weight.to_dense() if weight.is_mkldnn else weight.contiguous()
+        return weight.is_mkldnn or (
+            weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
+        )
+
+    def _apply(self, fn, recurse: bool = True):
+        self.weight = self._dense_weight()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self._dense_weight()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        self.weight = self._dense_weight()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
 
 class PackedConv2d(_Packed):
-    """CPU inference Conv2d with its weight reordered once, not on every call as nn.Conv2d
-    does (which costs as much as the convolution itself at the U-Net's low resolutions).
-    The layout oneDNN picks depends on the input shape: the first call's input decides.
-    Takes channels-last input."""
+    """Conv2d (see _Packed). oneDNN picks the packed layout for the first call's input shape;
+    other shapes still compute correctly. Packed, it takes channels-last input."""
 
     def __init__(self, conv: nn.Conv2d):
         self.args = ([*conv.padding], [*conv.stride], [*conv.dilation], conv.groups)
         super().__init__(conv.weight.detach().contiguous(memory_format=torch.channels_last), conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding, stride, dilation, groups = self.args
+        if not self._packs_here():
+            return F.conv2d(x, self.weight, self.bias, stride, padding, dilation, groups)
         if not self.weight.is_mkldnn:
-            self.weight = torch.ops.mkldnn._reorder_convolution_weight(self.weight, *self.args, list(x.shape))
+            weight = self.weight.contiguous(memory_format=torch.channels_last)
+            self.weight = torch.ops.mkldnn._reorder_convolution_weight(weight, *self.args, list(x.shape))
         return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args, "none", [], "")
 
 
 class PackedLinear(_Packed):
-    """CPU inference Linear with its weight reordered once."""
+    """Linear (see _Packed)."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__(torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1024), linear.bias)
+        super().__init__(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._packs_here():
+            return F.linear(x, self.weight, self.bias)
+        if not self.weight.is_mkldnn:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1024)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def pack_for_cpu(module: nn.Module) -> nn.Module:
-    """Replace every Conv2d and Linear in `module` (in place) by its packed CPU inference form.
-
-    For float32/bfloat16 models on CPU, once the weights are loaded. The module then runs on
-    CPU only and cannot be trained, moved or cast; state_dict() still gives the plain weights.
-    """
-    if not torch.backends.mkldnn.is_available():
-        return module
+    """Replace every Conv2d and Linear in `module` (in place) by its packed form, for fast
+    inference on CPU (see _Packed). The module keeps working on any device and dtype, but is
+    for inference only: the weights become buffers without gradients."""
     for name, child in module.named_children():
         if isinstance(child, nn.Conv2d):
             setattr(module, name, PackedConv2d(child))

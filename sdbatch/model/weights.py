@@ -24,6 +24,7 @@ from filelock import FileLock
 from torch import nn
 
 from .clip import CLIPConfig, CLIPTextEncoder, clip_config_from_diffusers, clip_state_dict_from_diffusers, infer_clip_config
+from .layers import pack_for_cpu
 from .tokenizer import Tokenizer
 from .unet import UNetConfig, UNetModel, infer_unet_config, unet_config_from_diffusers, unet_state_dict_from_diffusers
 from .vae import AutoencoderKL, VAEConfig, infer_vae_config, vae_config_from_diffusers, vae_state_dict_from_diffusers
@@ -497,6 +498,8 @@ def load_model(
     source: local path or fsspec URI of a `.safetensors`/`.ckpt` (LDM layout) or a diffusers
     folder. device="auto" picks CUDA, then MPS, then CPU; dtype="auto" picks float16 on CUDA,
     bfloat16 on CPUs with AMX or AVX512-BF16, float32 otherwise. storage_options go to fsspec.
+    On CPU the convolutions and linear layers are packed for oneDNN (`layers.pack_for_cpu`):
+    inference only, their weights are buffers rather than parameters.
     """
     device = _auto_device() if device == "auto" else torch.device(device)
     dtype = _auto_dtype(device) if dtype == "auto" else dtype
@@ -511,6 +514,8 @@ def load_model(
         model = StableDiffusion(config, tokenizer, files)
     for name in PREFIXES:
         load_component_(getattr(model, name), name, parts[name], path, device, dtype)
+        if device.type == "cpu":
+            pack_for_cpu(getattr(model, name))
     return model.eval().requires_grad_(False)
 
 
