@@ -62,7 +62,8 @@ def a1111_parameters(row: dict[str, Any], model_hash: str) -> str:
     ]
     if row.get("init_image"):
         fields.append(f"Denoising strength: {_number(row['strength'])}")
-    return f"{row['prompt']}\nNegative prompt: {row['negative_prompt'] or ''}\n{', '.join(fields)}"
+    negative = f"Negative prompt: {row['negative_prompt']}\n" if row.get("negative_prompt") else ""  # A1111 omits an empty one
+    return f"{row['prompt']}\n{negative}{', '.join(fields)}"
 
 
 def encode_png(image, parameters: str) -> bytes:

@@ -100,6 +100,9 @@ def test_png_carries_a1111_parameters(tmp_path):
     assert text == ("a cat\non two lines\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M Karras, "
                     "CFG scale: 7, Seed: 42, Size: 64x32, Model hash: 0123456789")
     assert encode_png(np.zeros((32, 64, 3), np.uint8), text) == png  # deterministic bytes
+    for empty in ("", None):
+        assert a1111_parameters(row | dict(negative_prompt=empty), "0123456789abcdef") == (
+            "a cat\non two lines\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, Size: 64x32, Model hash: 0123456789")
 
 
 def test_retry_retries_transient_errors_only(monkeypatch):
