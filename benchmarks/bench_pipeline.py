@@ -92,8 +92,7 @@ def main() -> None:
     if args.quick:
         args.size, args.batch, args.steps = [256], [1], 4
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps dpmpp_2m_karras, cfg 7.5"
-          flush=True)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps dpmpp_2m_karras, cfg 7.5", flush=True)
 
     components = diffusers_components("full")
     tokenizer = CLIPTokenizer.from_pretrained(str(VOCAB_DIR), model_max_length=77)

@@ -52,8 +52,8 @@ class _Packed(nn.Module):
     def _dense_weight(self) -> torch.Tensor:
         return self.weight.to_dense() if self.weight.is_mkldnn else self.weight
 
-    def _packs_here(self) -> bool:
-        """Whether the weight is (or can now be) in packed form."""
+    def runs_packed(self) -> bool:
+        """Whether the weight is (or on the next call will be) in packed form."""
         weight = self.weight
         return weight.is_mkldnn or (
             weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
@@ -79,11 +79,11 @@ class PackedConv2d(_Packed):
 
     def __init__(self, conv: nn.Conv2d):
         self.args = ([*conv.padding], [*conv.stride], [*conv.dilation], conv.groups)
-        super().__init__(conv.weight.detach().contiguous(memory_format=torch.channels_last), conv.bias)
+        super().__init__(conv.weight, conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padding, stride, dilation, groups = self.args
-        if not self._packs_here():
+        if not self.runs_packed():
             return F.conv2d(x, self.weight, self.bias, stride, padding, dilation, groups)
         if not self.weight.is_mkldnn:
             weight = self.weight.contiguous(memory_format=torch.channels_last)
@@ -98,7 +98,7 @@ class PackedLinear(_Packed):
         super().__init__(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packs_here():
+        if not self.runs_packed():
             return F.linear(x, self.weight, self.bias)
         if not self.weight.is_mkldnn:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1024)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Upsample, attention, normalization
+from .layers import PackedConv2d, Upsample, attention, normalization
 
 NUM_HEADS = 8  # SD v1.x: 8 heads at every width (head size = channels / 8)
 
@@ -213,8 +213,7 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
         context = context.to(dtype)
 
-        # channels-last activations when the convs hold channels-last or packed weights (oneDNN on CPU)
-        layout = torch.channels_last if _is_channels_last(self.input_blocks[0][0].weight) else torch.contiguous_format
+        layout = torch.channels_last if _wants_channels_last(self.input_blocks[0][0]) else torch.contiguous_format
         h = x.to(dtype).contiguous(memory_format=layout)
         skips = []
         for block in self.input_blocks:
@@ -228,8 +227,11 @@ class UNetModel(nn.Module):
         return self.out(h).to(x.dtype, memory_format=torch.contiguous_format)
 
 
-def _is_channels_last(weight: torch.Tensor) -> bool:
-    return weight.is_mkldnn or (weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
+def _wants_channels_last(conv: nn.Module) -> bool:
+    """Packed convs (oneDNN on CPU) and channels-last weights run fastest on channels-last activations."""
+    if isinstance(conv, PackedConv2d):
+        return conv.runs_packed()
+    return conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
 
 
 def _ldm_key_error(what: str) -> ValueError:
