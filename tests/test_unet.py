@@ -1,5 +1,8 @@
 """The U-Net against diffusers' UNet2DConditionModel on the same random weights."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -178,8 +181,8 @@ def test_packed_for_cpu_matches_unpacked(reference, dtype, tolerance):
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 def test_packed_modules_stay_usable(reference):
-    """Packed for one input shape, the U-Net still computes other shapes, casts and moves
-    (unpacking first), and loads a state dict."""
+    """Packed for one input shape, the U-Net still computes other shapes, copies and pickles,
+    casts and moves (unpacking first), and loads a state dict."""
     _, config, sd = reference
     plain = UNetModel(unet_config_from_diffusers(config)).eval()
     plain.load_state_dict(sd)
@@ -191,6 +194,9 @@ def test_packed_modules_stay_usable(reference):
             x, context = inputs(2, h, w)
             assert max_rel_diff(packed(x, t, context), plain(x, t, context)) <= 1e-4
         assert packed.out[2].weight.is_mkldnn
+        x, context = inputs(2, 8, 16)
+        copied = pickle.loads(pickle.dumps(copy.deepcopy(packed)))
+        assert torch.equal(copied(x, t, context), packed(x, t, context))
 
         packed.to(torch.float64)  # not packable: runs the plain ops
         plain.to(torch.float64)

@@ -63,6 +63,11 @@ class _Packed(nn.Module):
         self.weight = self._dense_weight()
         return super()._apply(fn, recurse)
 
+    def __getstate__(self) -> dict:  # pickle, deepcopy: oneDNN tensors have no storage to copy
+        state = self.__dict__.copy()
+        state["_buffers"] = {**self._buffers, "weight": self._dense_weight()}
+        return state
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self._dense_weight()
         if self.bias is not None:
