@@ -2,7 +2,9 @@
 
 All models share one set of weights, run in the same dtype and thread count, alternating:
 diffusers' UNet2DConditionModel, ours as `load_model` gives it on CPU (conv/linear weights
-packed once for oneDNN by `pack_for_cpu`), and ours unpacked, for comparison. Full size needs up to 7 GiB (fp32); on a shared machine
+packed once for oneDNN by `pack_for_cpu`), and ours unpacked, for comparison. With --compile,
+also ours unpacked under torch.compile (inductor, frozen weights prepacked for oneDNN); the
+compile time of the first shape is printed. Full size needs up to 7 GiB (fp32); on a shared machine
 take the benchmark lock, and on a busy one time CPU seconds of one thread (--threads 1 --cpu-time):
 
     flock /tmp/sdbatch-bench.lock .venv/bin/python benchmarks/bench_unet.py --size 256 512 --dtype fp32 bf16
@@ -63,7 +65,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per model (after one warm-up each)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--cpu-time", action="store_true", help="time process CPU seconds instead of wall time")
+    parser.add_argument("--compile", action="store_true", help="add the unpacked U-Net under torch.compile")
     args = parser.parse_args()
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {'CPU' if args.cpu_time else 'wall'} time")
@@ -72,6 +79,7 @@ def main() -> None:
         dtype = DTYPES[name]
         ref, ours = build(dtype)
         packed = packed_copy(ours)
+        compiled = torch.compile(ours) if args.compile else None
         for size in args.size:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(args.batch, 4, size // 8, size // 8, generator=g).to(dtype)
@@ -82,22 +90,26 @@ def main() -> None:
                 "sdbatch": lambda: packed(x, t, context),
                 "unpacked": lambda: ours(x, t, context),
             }
+            if compiled is not None:
+                runs["compiled"] = lambda: compiled(x, t, context)
             times: dict[str, list[float]] = {k: [] for k in runs}
             with torch.inference_mode():
-                for fn in runs.values():
-                    fn()  # warm-up: oneDNN primitive creation, allocator
+                for k, fn in runs.items():
+                    warm_up = timed(fn, time.perf_counter)  # oneDNN primitive creation, allocator, compilation
+                    if k == "compiled":
+                        print(f"{name} {size}x{size}: torch.compile took {warm_up:.0f}s", flush=True)
                 for _ in range(args.runs):
                     for k, fn in runs.items():
                         times[k].append(timed(fn, clock))
             med = {k: statistics.median(v) for k, v in times.items()}
             print(
                 f"{name} {size}x{size}: diffusers {med['diffusers']:.2f}s, "
-                + ", ".join(f"{k} {med[k]:.2f}s (ratio {med[k] / med['diffusers']:.2f})" for k in ("sdbatch", "unpacked"))
+                + ", ".join(f"{k} {med[k]:.2f}s (ratio {med[k] / med['diffusers']:.2f})" for k in runs if k != "diffusers")
                 + f"; peak RSS {peak_rss_gib():.1f} GiB; runs "
                 + str({k: [round(v, 2) for v in vs] for k, vs in times.items()}),
                 flush=True,
             )
-        del ref, ours, packed
+        del ref, ours, packed, compiled
 
 
 if __name__ == "__main__":
