@@ -154,6 +154,15 @@ def test_bad_column_types_fail_naming_the_column(tmp_path, capsys, columns, mess
     assert not (tmp_path / "out").exists()
 
 
+def test_unknown_sampler_flag_fails_before_anything_is_written(tmp_path, capsys):
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "t.parquet")
+    rc = jobs.main(["run", str(tmp_path / "t.parquet"), "--model", "m.safetensors", "--output", str(tmp_path / "out"),
+                    "--sampler", "plms"])
+    assert rc == 2
+    assert "--sampler 'plms' is unknown; use one of ddpm, ddim" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_prompt_column_fails_before_anything_starts(tmp_path):
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "t.parquet")
     # RAY_ADDRESS points nowhere: reaching Ray would hang or fail differently
