@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
@@ -399,15 +400,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def init_ray(address: str | None) -> bool:
-    """Connects to RAY_ADDRESS / --address, or starts a local Ray; True if we started one."""
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Connected to Ray for the block: the one already initialised, RAY_ADDRESS / --address, or a
+    local Ray started for the block and shut down after it."""
     import ray
 
     if ray.is_initialized():
-        return False
+        yield
+        return
     address = address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address or "local", logging_level="WARNING", log_to_driver=True)
-    return not address
+    try:
+        yield
+    finally:
+        if not address:
+            ray.shutdown()
 
 
 @dataclass
@@ -584,19 +592,15 @@ def run_command(args) -> int:
 
         args.run_features = RunFeatures(args.inception_weights, args.reference, len(todo))
     if todo:
-        started = init_ray(args.address)
-        recorder = Recorder(out, table, {r["id"]: r for r in todo})
-        progress = Progress(plan.total, plan.total - len(todo))
-        try:
-            pool = actor_pool(args.workers, args.gpus_per_worker)
-            generate_on_ray(args, out, work, recorder, progress, pool)
-        finally:
-            recorder.flush()
-            progress.close()
-            if started:
-                import ray
-
-                ray.shutdown()
+        with ray_session(args.address):
+            recorder = Recorder(out, table, {r["id"]: r for r in todo})
+            progress = Progress(plan.total, plan.total - len(todo))
+            try:
+                pool = actor_pool(args.workers, args.gpus_per_worker)
+                generate_on_ray(args, out, work, recorder, progress, pool)
+            finally:
+                recorder.flush()
+                progress.close()
         run["model_hash"] = recorder.model_hash or run["model_hash"]
     run["finished"] = _now()
     out.write_run(run)

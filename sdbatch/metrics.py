@@ -20,6 +20,7 @@ per-image features, so it can give FID only; IS needs only the generated images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -819,18 +820,14 @@ class RunFeatures:
 def metrics_after_run(out: str, collected: RunFeatures, address: str | None = None) -> dict[str, Any]:
     """`run --metrics`: metrics of every image OUT's manifest lists against the reference, with
     the default settings; writes OUT/metrics.json and prints it."""
-    from sdbatch.jobs import init_ray
+    from sdbatch.jobs import ray_session
 
-    started = init_ray(address)
     try:
-        report = compute_metrics(open_source(out), collected.reference, collected.weights, Settings(),
-                                 collected=collected)
+        with ray_session(address):
+            report = compute_metrics(open_source(out), collected.reference, collected.weights, Settings(),
+                                     collected=collected)
     finally:
         collected.close()
-        if started:
-            import ray
-
-            ray.shutdown()
     _publish(report, storage.join(out, "metrics.json"))
     return report
 
@@ -882,7 +879,7 @@ def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def metrics_command(args: argparse.Namespace) -> int:
-    from sdbatch.jobs import init_ray
+    from sdbatch.jobs import ray_session
 
     chosen = {m.strip() for m in args.metrics.split(",") if m.strip()}
     if not chosen <= {"fid", "isc", "kid"}:
@@ -903,14 +900,9 @@ def metrics_command(args: argparse.Namespace) -> int:
     if args.save_stats and generated.kind == "stats":
         raise MetricsError(f"{args.images} is already a statistics file")
     weights = load_inception_weights(resolve_inception_weights(args.inception_weights))
-    started = init_ray(args.address) if generated.kind != "stats" or (reference and reference.kind != "stats") else False
-    try:
+    needs_ray = generated.kind != "stats" or (reference and reference.kind != "stats")
+    with ray_session(args.address) if needs_ray else contextlib.nullcontext():
         report = compute_metrics(generated, reference, weights, settings, args.workers, args.save_stats)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     if args.save_stats:
         print(f"saved FID statistics of {report['images']['generated']['used']} images to {args.save_stats} "
               f"(usable as --reference for FID; KID needs the images)", file=sys.stderr)
