@@ -575,14 +575,18 @@ class Side:
                 for i in range(0, len(todo), size)]
 
     def add(self, ranks: np.ndarray, result: dict[str, Any]) -> None:
-        rows = ranks[result["ok"]]
-        self.readable[rows] = True
-        self.stats.merge(result["stats"])
+        """Records a shard's result (`extract_shard`) for the images of the given ranks."""
         self.errors += result["errors"]
+        self.record(ranks[result["ok"]], result["stats"], result["features"], result["logits"])
+
+    def record(self, rows: np.ndarray, stats: FidStats, features: np.ndarray | None, logits: np.ndarray | None) -> None:
+        """Marks `rows` readable with their statistics, features and logits (those the side keeps)."""
+        self.readable[rows] = True
+        self.stats.merge(stats)
         if self.features is not None:
-            self.features[rows] = result["features"]
+            self.features[rows] = features
         if self.logits is not None:
-            self.logits[rows] = result["logits"]
+            self.logits[rows] = logits
 
     def counts(self) -> dict[str, Any]:
         return {"source": self.source.uri, "listed": self.source.count, "used": self.stats.n,
@@ -806,12 +810,9 @@ class RunFeatures:
         for i in range(0, len(rows), 4096):
             chunk = rows[i:i + 4096]
             ranks = np.array([rank[self.uris[j]] for j in chunk], dtype=np.int64)
-            side.readable[ranks] = True
-            side.stats.add(self.features[chunk])
-            if side.features is not None:
-                side.features[ranks] = self.features[chunk]
-            if side.logits is not None:
-                side.logits[ranks] = self.logits[chunk]
+            stats, features = FidStats(), self.features[chunk]
+            stats.add(features)
+            side.record(ranks, stats, features, self.logits[chunk])
 
     def close(self) -> None:
         self._tmp.cleanup()
