@@ -48,19 +48,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _put_env(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
-def set_env(**values: str):
-    """Set environment variables for the duration of the block, then restore them."""
+def set_env(**values: str | None):
+    """Set (None: unset) environment variables for the duration of the block, then restore them."""
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    _put_env(values)
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _put_env(saved)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -204,9 +215,7 @@ def s3_endpoint():
     """
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     with set_env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_SECURITY_TOKEN="testing"):
         server.start()

@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port, set_env
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -62,17 +57,22 @@ def _reload_auth_settings() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM to the process group `proc` leads (started with start_new_session), up to
+    `grace_s` for it to exit, then SIGKILL to whatever of the group is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -104,32 +104,26 @@ def ray_head(s3_endpoint, tmp_path_factory):
     log = open(Path(temp_dir) / "ray-start.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", env, temp_dir)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-                                            "RAY_ADDRESS", "AWS_ENDPOINT_URL")}
     try:
         _wait_for_dashboard(head.dashboard, proc, timeout=180)
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"],
-                          RAY_ADDRESS=head.address, AWS_ENDPOINT_URL=s3_endpoint)
-        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-        _reload_auth_settings()
-        for attempt in range(3):  # a loaded 2-core machine can time the first connection out
+        with set_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"], RAY_AUTH_TOKEN_PATH=None,
+                     RAY_ADDRESS=head.address, AWS_ENDPOINT_URL=s3_endpoint):
             try:
-                ray.init(address=head.address, logging_level="WARNING")
-                break
-            except (ConnectionError, RuntimeError):
-                if attempt == 2:
-                    raise
-                ray.shutdown()
-        yield head
+                _reload_auth_settings()
+                for attempt in range(3):  # a loaded 2-core machine can time the first connection out
+                    try:
+                        ray.init(address=head.address, logging_level="WARNING")
+                        break
+                    except (ConnectionError, RuntimeError):
+                        if attempt == 2:
+                            raise
+                        ray.shutdown()
+                yield head
+            finally:
+                if ray.is_initialized():
+                    ray.shutdown()
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        _stop(proc)
+        stop_process_group(proc)
         log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         _reload_auth_settings()
         shutil.rmtree(temp_dir, ignore_errors=True)

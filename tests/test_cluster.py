@@ -6,8 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +18,9 @@ import ray
 import yaml
 from jsonschema import ValidationError
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from conftest import free_port
+from ray_fixtures import stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,12 +164,6 @@ def test_cluster_yaml_bootstraps_on_simulated_aws(s3_endpoint, monkeypatch, tmp_
 # ----------------------------------------------------------------------------- autoscaling, locally
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalAutoscalingCluster:
     """A Ray head whose autoscaler adds and removes worker nodes on this machine.
 
@@ -228,17 +223,8 @@ class LocalAutoscalingCluster:
 
     def __exit__(self, *exc):
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
+            stop_process_group(self.process, grace_s=30)
         finally:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.log.close()
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
