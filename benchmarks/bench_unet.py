@@ -4,7 +4,10 @@ All models share one set of weights, run in the same dtype and thread count, alt
 diffusers' UNet2DConditionModel, ours as `load_model` gives it on CPU (conv/linear weights
 packed once for oneDNN by `pack_for_cpu`), and ours unpacked, for comparison. With --compile,
 also ours unpacked under torch.compile (inductor, frozen weights prepacked for oneDNN); the
-compile time of the first shape is printed. Full size needs up to 7 GiB (fp32); on a shared machine
+compile time of the first shape is printed. With --profile, also where the time goes: for
+diffusers and ours as loaded, the seconds and GFLOP/s of the convolutions, the linear layers
+and attention in one forward (the profiler's per-op times; flops of convolution and linear
+layers from torch.utils.flop_counter, of attention 4·B·heads·Lq·Lk·d from its shapes). Full size needs up to 7 GiB (fp32); on a shared machine
 take the benchmark lock, and on a busy one time CPU seconds of one thread (--threads 1 --cpu-time):
 
     flock /tmp/sdbatch-bench.lock .venv/bin/python benchmarks/bench_unet.py --size 256 512 --dtype fp32 bf16
@@ -47,6 +50,38 @@ def packed_copy(model: UNetModel) -> UNetModel:
     return pack_for_cpu(copy.eval())
 
 
+# profiler op names (substrings) of each kind, for our packed layers and diffusers' plain ones
+OP_KINDS = {
+    "convolution": ("convolution",),
+    "linear": ("linear_pointwise", "aten::addmm", "aten::mm"),
+    "attention": ("scaled_dot_product",),
+}
+
+
+def profile_kinds(run, flop_twin) -> dict[str, tuple[float, float]]:
+    """{kind: (seconds, GFLOP/s)} of one call of `run`; `flop_twin` is the same computation
+    in plain aten ops (packed oneDNN ops are invisible to the flop counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        flop_twin()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    flops = {"convolution": counts.get("aten.convolution", 0),
+             "linear": counts.get("aten.addmm", 0) + counts.get("aten.mm", 0), "attention": 0}
+    with torch.profiler.profile(record_shapes=True) as prof:
+        run()
+    seconds = dict.fromkeys(OP_KINDS, 0.0)
+    for event in prof.key_averages(group_by_input_shape=True):
+        kind = next((k for k, names in OP_KINDS.items() if any(n in event.key for n in names)), None)
+        if kind is None:
+            continue
+        seconds[kind] += event.self_cpu_time_total / 1e6
+        if event.key == "aten::scaled_dot_product_attention":
+            (b, heads, lq, d), (_, _, lk, _) = event.input_shapes[:2]
+            flops["attention"] += 4 * b * heads * lq * lk * d * event.count
+    return {k: (seconds[k], flops[k] / seconds[k] / 1e9 if seconds[k] else 0.0) for k in OP_KINDS}
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -66,6 +101,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--cpu-time", action="store_true", help="time process CPU seconds instead of wall time")
     parser.add_argument("--compile", action="store_true", help="add the unpacked U-Net under torch.compile")
+    parser.add_argument("--profile", action="store_true", help="also the time and GFLOP/s of each kind of op")
     args = parser.parse_args()
     if args.compile:
         import torch._inductor.config as inductor_config
@@ -109,6 +145,13 @@ def main() -> None:
                 + str({k: [round(v, 2) for v in vs] for k, vs in times.items()}),
                 flush=True,
             )
+            if args.profile:
+                with torch.inference_mode():
+                    for label, run, twin in (("diffusers", runs["diffusers"], runs["diffusers"]),
+                                             ("sdbatch", runs["sdbatch"], runs["unpacked"])):
+                        kinds = profile_kinds(run, twin)
+                        print(f"{name} {size}x{size} {label}: " + ", ".join(
+                            f"{k} {sec:.2f}s {rate:.0f} GFLOP/s" for k, (sec, rate) in kinds.items()), flush=True)
         del ref, ours, packed, compiled
 
 
