@@ -232,19 +232,21 @@ def _listing(keys, limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def split_checkpoint(sd: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
+def split_checkpoint(sd: dict[str, torch.Tensor], path: Path, ema: bool = True) -> dict[str, dict[str, torch.Tensor]]:
     """One LDM-layout state dict -> {component: state dict below its prefix}.
 
-    A full checkpoint's EMA weights (`model_ema.<U-Net key without dots>`) replace the U-Net's.
+    A full checkpoint's EMA weights (`model_ema.<U-Net key without dots>`) replace the U-Net's,
+    unless `ema` is False (training starts from the raw weights): then they are dropped.
     """
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
-    ema, unexpected = {}, []
+    ema_weights, unexpected = {}, []
     for key in list(sd):
         value = sd.pop(key)
         if key in IGNORED_KEYS:
             continue
         if key.startswith(EMA_PREFIX):
-            ema[key[len(EMA_PREFIX) :]] = value
+            if ema:
+                ema_weights[key[len(EMA_PREFIX) :]] = value
             continue
         for name, prefix in PREFIXES.items():
             if key.startswith(prefix):
@@ -261,15 +263,15 @@ def split_checkpoint(sd: dict[str, torch.Tensor], path: Path) -> dict[str, dict[
     if unexpected:
         raise CheckpointError(f"{path}: unexpected keys: {_listing(unexpected)}")
     parts["text_encoder"] = clip_state_dict_from_diffusers(parts["text_encoder"])  # old layouts lack text_model.
-    if ema:
+    if ema_weights:
         unet = parts["unet"]
         flat = {("diffusion_model." + k).replace(".", ""): k for k in unet}
-        if set(ema) != set(flat):
+        if set(ema_weights) != set(flat):
             raise CheckpointError(
                 f"{path}: the EMA weights (model_ema.*) do not match the U-Net's: "
-                f"missing {_listing(set(flat) - set(ema))}; unexpected {_listing(set(ema) - set(flat))}"
+                f"missing {_listing(set(flat) - set(ema_weights))}; unexpected {_listing(set(ema_weights) - set(flat))}"
             )
-        parts["unet"] = {k: ema[f] for f, k in flat.items()}
+        parts["unet"] = {k: ema_weights[f] for f, k in flat.items()}
     return parts
 
 
@@ -313,17 +315,25 @@ def ldm_state_dict(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch
     return {PREFIXES[name] + k: v for name, part in parts.items() for k, v in part.items()}
 
 
-def save_checkpoint(sd: dict[str, torch.Tensor], path: str | Path) -> None:
+def save_checkpoint(sd: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write an LDM-layout state dict as .safetensors, or as a `{"state_dict": ...}` .ckpt.
 
-    The safetensors writer streams each tensor's bytes (no second copy of the weights).
+    The safetensors writer streams each tensor's bytes (no second copy of the weights);
+    `metadata` (str -> str) goes into its `__metadata__` header (.safetensors only).
     """
     path = Path(path)
     if path.suffix != ".safetensors":
+        if metadata:
+            raise ValueError(f"{path}: metadata can only be stored in a .safetensors file")
         torch.save({"state_dict": sd}, path)
         return
     names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
     header, offset = {}, 0
+    if metadata:
+        bad = {k: v for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+        if bad:
+            raise TypeError(f"safetensors metadata must map str to str; not so: {bad!r}")
+        header["__metadata__"] = dict(metadata)
     for key, t in sd.items():
         nbytes = t.numel() * t.element_size()
         header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
@@ -421,7 +431,7 @@ def _auto_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _read_source(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], ModelConfig, Tokenizer, tuple[Path, ...]]:
+def _read_source(path: Path, ema: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], ModelConfig, Tokenizer, tuple[Path, ...]]:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise CheckpointError(f"{path}: a folder without model_index.json is not a diffusers model")
@@ -436,7 +446,7 @@ def _read_source(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], ModelC
         own = any((path / "tokenizer" / name).is_file() for name in ("vocab.json", "tokenizer.json"))
         tokenizer = Tokenizer(path / "tokenizer") if own else Tokenizer()
         return parts, config, tokenizer, tuple(files)
-    parts = split_checkpoint(read_weights(path), path)
+    parts = split_checkpoint(read_weights(path), path, ema)
     try:
         config = ModelConfig(
             unet=infer_unet_config(parts["unet"]),
@@ -492,14 +502,18 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
     storage_options: dict | None = None,
+    *,
+    ema: bool = True,
+    packed: bool = True,
 ) -> StableDiffusion:
     """Load an SD v1.x model from a single-file checkpoint or a diffusers folder.
 
     source: local path or fsspec URI of a `.safetensors`/`.ckpt` (LDM layout) or a diffusers
     folder. device="auto" picks CUDA, then MPS, then CPU; dtype="auto" picks float16 on CUDA,
     bfloat16 on CPUs with AMX or AVX512-BF16, float32 otherwise. storage_options go to fsspec.
-    On CPU the convolutions and linear layers are packed for oneDNN (`layers.pack_for_cpu`):
-    inference only, their weights are buffers rather than parameters.
+    ema: a full single-file checkpoint's EMA U-Net weights (False: its raw weights).
+    On CPU (with `packed`) the convolutions and linear layers are packed for oneDNN
+    (`layers.pack_for_cpu`): inference only, their weights are buffers rather than parameters.
     """
     device = _auto_device() if device == "auto" else torch.device(device)
     dtype = _auto_dtype(device) if dtype == "auto" else dtype
@@ -508,13 +522,13 @@ def load_model(
     path = localize(source, storage_options)
     if not path.exists():
         raise CheckpointError(f"{source}: no such file or folder")
-    parts, config, tokenizer, files = _read_source(path)
+    parts, config, tokenizer, files = _read_source(path, ema)
 
     with torch.device("meta"):
         model = StableDiffusion(config, tokenizer, files)
     for name in PREFIXES:
         load_component_(getattr(model, name), name, parts[name], path, device, dtype)
-        if device.type == "cpu":
+        if device.type == "cpu" and packed:
             pack_for_cpu(getattr(model, name))
     return model.eval().requires_grad_(False)
 

@@ -1,0 +1,367 @@
+"""Pure-torch pieces of training SD v1.x models: named sizes, fresh and loaded trainable models,
+noising, the diffusion and VAE losses, EMA of weights, conditioning, and export to one
+single-file checkpoint. Nothing here knows about Ray (the training job lives in sdbatch.jobs).
+
+Randomness comes only from the `torch.Generator` (CPU) each function is handed, drawn in float32
+on the CPU and moved to the data's device, so a step's draws depend on the generator alone,
+never on the device or the thread count.
+"""
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import fsspec
+import torch
+import torch.nn.functional as F
+from fsspec.implementations.local import LocalFileSystem
+from torch import nn
+
+from . import samplers
+from .tokenizer import Tokenizer
+from .unet import ResBlock, SpatialTransformer, UNetModel
+from .vae import AutoencoderKL
+from .weights import (
+    LATENT_SCALE,
+    PREFIXES,
+    TINY_CONFIG,
+    ModelConfig,
+    StableDiffusion,
+    _sha256_files,
+    ldm_state_dict,
+    load_model,
+    save_checkpoint,
+)
+
+# Named model sizes, all with SD v1.x's structure (so every loader and tool reads them).
+CONFIGS: dict[str, ModelConfig] = {
+    "tiny": TINY_CONFIG,  # the tests' size: a few MB, 64x64 images train on a CPU in seconds
+    "sd15": ModelConfig(),  # SD v1.5's size (860M-parameter U-Net)
+}
+
+
+def get_config(config: str | ModelConfig) -> ModelConfig:
+    """A ModelConfig, or the one named in CONFIGS; ValueError for an unknown name."""
+    if isinstance(config, ModelConfig):
+        return config
+    if config not in CONFIGS:
+        raise ValueError(f"unknown model config {config!r}; valid configs: {', '.join(CONFIGS)}")
+    return CONFIGS[config]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _zero_residual_outputs_(unet: UNetModel) -> None:
+    """LDM's openaimodel.py starts every residual branch (ResBlock's last conv, the transformer's
+    proj_out) and the output conv at zero: each block begins as the identity."""
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, ResBlock):
+                nn.init.zeros_(module.out_layers[3].weight), nn.init.zeros_(module.out_layers[3].bias)
+            elif isinstance(module, SpatialTransformer):
+                nn.init.zeros_(module.proj_out.weight), nn.init.zeros_(module.proj_out.bias)
+        nn.init.zeros_(unet.out[2].weight), nn.init.zeros_(unet.out[2].bias)
+
+
+def new_model(config: str | ModelConfig, seed: int, tokenizer: Tokenizer | None = None) -> StableDiffusion:
+    """A new model with random weights, on the CPU in float32, trainable (train mode, gradients on).
+
+    config: a ModelConfig or a name in CONFIGS. Weights are PyTorch's default initialisation,
+    drawn from a generator seeded with `seed` (the global RNG is left as it was), with the
+    U-Net's residual branches and output at zero as in LDM. Raises ValueError for an unknown name.
+    """
+    config = get_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = StableDiffusion(config, tokenizer)
+    _zero_residual_outputs_(model.unet)
+    return model.train().requires_grad_(True)
+
+
+def load_for_training(source: str | os.PathLike, storage_options: dict | None = None, ema: bool = False) -> StableDiffusion:
+    """Load any checkpoint `load_model` reads (single file or diffusers folder, local or fsspec URI)
+    for training: CPU, float32, plain nn.Conv2d/nn.Linear (not packed), train mode, gradients on.
+
+    A full single-file checkpoint's raw U-Net weights are loaded, not its EMA (`ema=True` takes
+    the EMA). `model.hash` is the sha256 of the source, for the exported checkpoint's metadata.
+    Raises CheckpointError as load_model does.
+    """
+    model = load_model(source, "cpu", torch.float32, storage_options, ema=ema, packed=False)
+    return model.train().requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------- noise and losses
+
+
+def randn(shape: Sequence[int], generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal float32 noise drawn on the CPU from `generator`, then moved to `device`."""
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, ...) broadcasting against `like`."""
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def add_noise(
+    x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The forward process at integer timesteps: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+
+    x0, noise: (B, ...) of one dtype; timesteps: (B,) integers in [0, 1000); alphas_cumprod:
+    (1000,) abar, by default SD v1.x's (`samplers.alphas_cumprod()`). Returns x0's dtype, with
+    abar cast to it first, as diffusers' DDPMScheduler.add_noise does (Ho et al. 2020, eq. 4).
+    """
+    abar = (samplers.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x0.device, x0.dtype)
+    a = _per_sample(abar[timesteps.to(x0.device)], x0)
+    return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+
+
+def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
+    """Signal-to-noise ratio abar_t / (1 - abar_t) at integer timesteps (B,), float32."""
+    abar = (samplers.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(timesteps.device)
+    a = abar[timesteps].float()
+    return a / (1 - a)
+
+
+def min_snr_weights(timesteps: torch.Tensor, gamma: float, alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction, min(SNR_t, gamma) / SNR_t (B,) float32
+    (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"; as
+    diffusers' examples/text_to_image/train_text_to_image.py weighs the per-sample MSE)."""
+    s = snr(timesteps, alphas_cumprod)
+    return s.clamp(max=gamma) / s
+
+
+def eps_loss(
+    prediction: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    snr_gamma: float | None = None,
+    alphas_cumprod: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Epsilon-prediction MSE in float32 (scalar): the mean over all elements, or with `snr_gamma`
+    the batch mean of each sample's mean squared error times its min-SNR weight."""
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), noise.float())
+    per_sample = (prediction.float() - noise.float()).pow(2).flatten(1).mean(1)
+    return (per_sample * min_snr_weights(timesteps.to(noise.device), snr_gamma, alphas_cumprod)).mean()
+
+
+def draw_noise_and_timesteps(
+    latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step's randomness, in diffusers' train_text_to_image.py order: the noise
+    (B, C, h, w); if `noise_offset`, a per-channel offset noise (B, C, 1, 1) times noise_offset
+    added to it (Guttenberg 2023, "Diffusion with Offset Noise"); then timesteps (B,) int64
+    uniform in [0, 1000). All drawn on the CPU from `generator`, returned on latents' device."""
+    noise = randn(latents.shape, generator)
+    if noise_offset:
+        noise = noise + noise_offset * randn((*latents.shape[:2], 1, 1), generator)
+    timesteps = torch.randint(0, samplers.NUM_TRAIN_TIMESTEPS, (latents.shape[0],), generator=generator)
+    return noise.to(latents.device), timesteps.to(latents.device)
+
+
+def diffusion_loss(
+    unet: nn.Module,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    generator: torch.Generator,
+    snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+) -> torch.Tensor:
+    """The SD v1.x training loss of one batch (scalar float32, differentiable).
+
+    latents: (B, 4, h, w) scaled latents (`encode_latents`); context: (B, 77, context_dim) text
+    encoder states. Noise and timesteps come from `generator` (`draw_noise_and_timesteps`); the
+    U-Net predicts the noise of x_t (`add_noise`) and the loss is `eps_loss`: MSE, min-SNR-gamma
+    weighted when `snr_gamma` is given (5 is the paper's choice).
+    """
+    noise, timesteps = draw_noise_and_timesteps(latents, generator, noise_offset)
+    abar = samplers.alphas_cumprod()
+    noisy = add_noise(latents.float(), noise, timesteps, abar)
+    return eps_loss(unet(noisy, timesteps, context), noise, timesteps, snr_gamma, abar)
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) summed over each sample's latent elements: (B,) float32."""
+    mean, logvar = mean.float(), logvar.float()
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+
+
+def vae_loss(
+    vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator, kl_weight: float = 1e-6
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The autoencoder's loss on images (B, 3, H, W) in [-1, 1]: (loss, {"rec": ..., "kl": ...}).
+
+    The decoder reconstructs a sample of the posterior (noise from `generator`). rec is the mean
+    absolute error per pixel value; kl is `kl_divergence` per image (batch mean). The loss is
+    rec + kl_weight * kl / (3 H W): LDM's L1 + KL objective (kl_weight 1e-6, summed over an
+    image's pixels) divided by the number of pixel values, so its scale does not grow with the
+    resolution. LDM also trains with LPIPS and a patch GAN; LPIPS needs pretrained VGG weights,
+    which are not used here, so reconstructions come out blurrier than SD's own VAE.
+    """
+    mean, logvar = vae.encode(images)
+    z = mean + torch.exp(0.5 * logvar) * randn(mean.shape, generator, mean.device).to(mean.dtype)
+    rec = (vae.decode(z).float() - images.float()).abs().mean()
+    kl = kl_divergence(mean, logvar).mean()
+    loss = rec + kl_weight * kl / images[0].numel()
+    return loss, {"rec": rec.detach(), "kl": kl.detach()}
+
+
+# ----------------------------------------------------------------------------- conditioning
+
+
+@torch.no_grad()
+def encode_latents(
+    vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator, latent_scale: float = LATENT_SCALE
+) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> a sample of the VAE posterior times latent_scale
+    (B, 4, H/8, W/8) float32, as SD v1.x trains (noise from `generator`). No gradients."""
+    mean, logvar = vae.encode(images)
+    return (mean + torch.exp(0.5 * logvar) * randn(mean.shape, generator, mean.device)).float() * latent_scale
+
+
+def drop_captions(captions: Sequence[str], p: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by "" with probability p (one uniform draw per caption, always made,
+    so the generator advances the same whatever p is). SD v1.5 was fine-tuned with p = 0.1,
+    which is what lets classifier-free guidance use "" as the unconditional prompt."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"caption dropout must be in [0, 1], got {p!r}")
+    keep = torch.rand(len(captions), generator=generator) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def tokenize_captions(
+    tokenizer: Tokenizer, captions: Sequence[str], generator: torch.Generator, dropout: float = 0.1
+) -> torch.Tensor:
+    """Captions -> token ids (B, 77) int64 after `drop_captions`; feed them to the text encoder."""
+    return tokenizer(drop_captions(captions, dropout, generator))
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+class EMA:
+    """Exponential moving average of parameters, kept in float32 beside the model.
+
+    shadow <- shadow + (1 - d) (param - shadow) after each optimiser step. With `warmup` (the
+    default), the decay of the n-th update is min(decay, (1 + n) / (10 + n)), as LDM's LitEma
+    (ldm/modules/ema.py) does, so early averages do not hang on to the random start; without
+    it, d = decay from the first update.
+
+    params: a module (its parameters that require gradients, by name) or an iterable of
+    parameters (matched by position). `update` and `copy_to` take the same kind of thing: for a
+    DDP-wrapped model pass `ddp.module`.
+    """
+
+    def __init__(self, params: nn.Module | Iterable[torch.Tensor], decay: float = 0.9999, warmup: bool = True):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay!r}")
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+        self.names, tensors = self._named(params)
+        self.shadow = [t.detach().to(torch.float32, copy=True) for t in tensors]
+
+    @staticmethod
+    def _named(params: nn.Module | Iterable[torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+        if isinstance(params, nn.Module):
+            named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+        else:
+            named = [(str(i), p) for i, p in enumerate(params)]
+        return [n for n, _ in named], [p for _, p in named]
+
+    def _match(self, params: nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        names, tensors = self._named(params)
+        if names != self.names:
+            missing, unexpected = sorted(set(self.names) - set(names)), sorted(set(names) - set(self.names))
+            raise ValueError(f"EMA parameters do not match: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        return tensors
+
+    def current_decay(self) -> float:
+        """The decay the last update used (that the next one uses, before any update)."""
+        n = max(self.num_updates, 1)
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, params: nn.Module | Iterable[torch.Tensor]) -> None:
+        tensors = self._match(params)
+        self.num_updates += 1
+        weight = 1 - self.current_decay()
+        torch._foreach_lerp_(self.shadow, [t.detach().to(torch.float32) for t in tensors], weight)
+
+    @torch.no_grad()
+    def copy_to(self, params: nn.Module | Iterable[torch.Tensor]) -> None:
+        """Write the averages into the parameters (cast to each parameter's dtype)."""
+        for target, value in zip(self._match(params), self.shadow):
+            target.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "num_updates": self.num_updates,
+            "shadow": dict(zip(self.names, self.shadow)),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s output; ValueError if it holds other parameters or shapes."""
+        shadow = state["shadow"]
+        if list(shadow) != self.names:
+            missing, unexpected = sorted(set(self.names) - set(shadow)), sorted(set(shadow) - set(self.names))
+            raise ValueError(f"EMA state does not match: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        wrong = [n for n, s in zip(self.names, self.shadow) if shadow[n].shape != s.shape]
+        if wrong:
+            raise ValueError(f"EMA state has other shapes for {wrong[:10]}")
+        self.decay, self.warmup, self.num_updates = state["decay"], state["warmup"], int(state["num_updates"])
+        self.shadow = [shadow[n].detach().to(torch.float32, copy=True) for n in self.names]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_checkpoint(
+    model: StableDiffusion,
+    path_or_uri: str | os.PathLike,
+    metadata: dict[str, str],
+    storage_options: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """Write the model as one .safetensors file in the original LDM layout; returns its sha256.
+
+    The file is what SD v1.x single-file tools read: `sdbatch.load_model`, diffusers'
+    `StableDiffusionPipeline.from_single_file` (given the model's config folder), A1111.
+    metadata (str -> str, e.g. base model hash, steps, data) goes into the safetensors header,
+    with "format": "pt" unless given. dtype: cast floating tensors (e.g. torch.float16 for a
+    half-size file); default keeps the model's. path_or_uri: a local path or any fsspec URI
+    (storage_options go to fsspec); the file appears there whole or not at all (written under a
+    temporary name, then renamed or uploaded). Raises ValueError for a name not ending in
+    .safetensors, TypeError for non-string metadata.
+    """
+    target = str(path_or_uri)
+    if not target.endswith(".safetensors"):
+        raise ValueError(f"{target}: the exported checkpoint must be a .safetensors file")
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    parts = {name: {k: cast(v) for k, v in getattr(model, name).state_dict().items()} for name in PREFIXES}
+    sd = ldm_state_dict(parts)
+    header = {"format": "pt", **metadata}
+    fs, path = fsspec.core.url_to_fs(target, **(storage_options or {}))
+    if isinstance(fs, LocalFileSystem):
+        local = Path(path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.stem}.{os.getpid()}.partial.safetensors")
+        try:
+            save_checkpoint(sd, partial, header)
+            os.replace(partial, local)
+        finally:
+            partial.unlink(missing_ok=True)
+        return _sha256_files((local,))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(path).name
+        save_checkpoint(sd, local, header)
+        digest = _sha256_files((local,))
+        fs.put_file(str(local), path)
+    return digest
