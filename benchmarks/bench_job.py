@@ -31,7 +31,7 @@ def loop(model_path: str, table: str, args) -> tuple[float, float]:
     import torch
 
     import sdbatch
-    from sdbatch import jobs
+    from sdbatch.jobs import plan as jobs
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -50,10 +50,10 @@ def loop(model_path: str, table: str, args) -> tuple[float, float]:
 
 def job(model_path: str, table: str, out: str, args) -> tuple[float, float]:
     """Returns (wall seconds, seconds the actor spent generating, from the manifest)."""
-    from sdbatch import jobs
+    from sdbatch.jobs import cli
 
     start = time.perf_counter()
-    rc = jobs.main(["run", table, "--model", model_path, "--output", out, "--steps", str(args.steps),
+    rc = cli.main(["run", table, "--model", model_path, "--output", out, "--steps", str(args.steps),
                     "--width", str(args.size), "--height", str(args.size), "--sampler", args.sampler,
                     "--batch-size", str(args.batch_size), "--workers", "1"])
     wall = time.perf_counter() - start

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdbatch import metrics
+from sdbatch import inception
+from sdbatch.jobs import metrics as metrics_job
 
 
 def write_images(folder: str, n: int, size: int) -> None:
@@ -50,15 +51,15 @@ def main() -> None:
         folder = os.path.join(tmp, "images")
         os.makedirs(folder)
         write_images(folder, args.images, args.size)
-        weights = args.weights or metrics.save_random_inception_weights(os.path.join(tmp, "inception.pth"))
-        w = metrics.load_inception_weights(weights)
+        weights = args.weights or inception.save_random_inception_weights(os.path.join(tmp, "inception.pth"))
+        w = inception.load_inception_weights(weights)
         print(f"{args.images} PNGs {args.size}x{args.size}, {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU'}, "
               f"{torch.get_num_threads()} torch threads, batch {args.batch_size}", flush=True)
 
         import torch_fidelity
 
         # Warm-up, so that neither side pays for the one-off kernel set-up of the first batch.
-        metrics.extract_arrays(metrics.build_inception(w.state_dict, "cuda" if cuda else "cpu"),
+        inception.extract_arrays(inception.build_inception(w.state_dict, "cuda" if cuda else "cpu"),
                                [np.zeros((args.size, args.size, 3), np.uint8)] * 2)
         start = time.perf_counter()
         torch_fidelity.calculate_metrics(input1=folder, isc=True, cuda=cuda, batch_size=args.batch_size,
@@ -66,10 +67,10 @@ def main() -> None:
         results = {"torch-fidelity (one process)": time.perf_counter() - start}
 
         start = time.perf_counter()
-        model = metrics.build_inception(w.state_dict, "cuda" if cuda else "cpu")
-        source = metrics.open_source(folder)
+        model = inception.build_inception(w.state_dict, "cuda" if cuda else "cpu")
+        source = inception.open_source(folder)
         for _, spec in source.shards(args.images):
-            metrics.extract_shard(model, spec, args.batch_size, keep_features=True, keep_logits=True)
+            inception.extract_shard(model, spec, args.batch_size, keep_features=True, keep_logits=True)
         results["sdbatch extract_shard (one process)"] = time.perf_counter() - start
         del model
 
@@ -78,9 +79,9 @@ def main() -> None:
         ray_tmp = tempfile.mkdtemp(prefix="bm-", dir="/tmp")  # short: Ray's socket paths
         ray.init(address="local", _temp_dir=ray_tmp, include_dashboard=False, logging_level="WARNING")
         try:
-            side = metrics.Side(source, readable=np.zeros(source.count, dtype=bool))
+            side = metrics_job.Side(source, readable=np.zeros(source.count, dtype=bool))
             start = time.perf_counter()
-            metrics.extract_on_ray([(side, False, False)], w, args.workers, args.batch_size)
+            metrics_job.extract_on_ray([(side, False, False)], w, args.workers, args.batch_size)
             results[f"sdbatch on Ray ({args.workers} actor{'s' * (args.workers > 1)}, start-up included)"] = \
                 time.perf_counter() - start
         finally:

@@ -52,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from sdbatch import generate, load_model
-    from sdbatch.actors import a1111_parameters, encode_png
+    from sdbatch.a1111 import a1111_parameters, encode_png
 
     if args.output.suffix.lower() != ".png":
         raise ValueError(f"-o {args.output}: the output must be a .png file")

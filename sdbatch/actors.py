@@ -1,7 +1,7 @@
 """Ray actor classes: each loads a model once, then turns batches of table rows into outputs.
 
 Ray Data calls an actor with one batch (a pyarrow Table) at a time and collects what it
-returns. The actors know nothing of the job's plan: `sdbatch.jobs` decides which rows go
+returns. The actors know nothing of the job's plan: `sdbatch.jobs.generate` decides which rows go
 where and writes the manifest from what the actors return.
 """
 
@@ -17,18 +17,9 @@ import time
 from typing import Any
 
 from sdbatch import storage
+from sdbatch.a1111 import a1111_parameters, encode_png
 
 # ----------------------------------------------------------------------------- image generation
-
-# Our sampler names -> the names AUTOMATIC1111 writes in "Sampler: ..." (what SD tools read).
-A1111_SAMPLER_NAMES = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-}
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
@@ -46,37 +37,6 @@ def safe_name(image_id: str) -> str:
     return f"{stem}-{hashlib.sha256(image_id.encode()).hexdigest()[:16]}"
 
 
-def _number(x: float) -> str:
-    return f"{x:g}"
-
-
-def a1111_parameters(row: dict[str, Any], model_hash: str) -> str:
-    """The `parameters` text AUTOMATIC1111 writes into its PNGs (and SD tools parse)."""
-    fields = [
-        f"Steps: {row['steps']}",
-        f"Sampler: {A1111_SAMPLER_NAMES.get(row['sampler'], row['sampler'])}",
-        f"CFG scale: {_number(row['cfg_scale'])}",
-        f"Seed: {row['seed']}",
-        f"Size: {row['width']}x{row['height']}",
-        f"Model hash: {model_hash[:10]}",
-    ]
-    if row.get("init_image"):
-        fields.append(f"Denoising strength: {_number(row['strength'])}")
-    negative = f"Negative prompt: {row['negative_prompt']}\n" if row.get("negative_prompt") else ""  # A1111 omits an empty one
-    return f"{row['prompt']}\n{negative}{', '.join(fields)}"
-
-
-def encode_png(image, parameters: str) -> bytes:
-    """uint8 (H, W, 3) -> PNG bytes carrying a `parameters` tEXt chunk (deterministic)."""
-    from PIL import Image, PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
 class GenerationActor:
     """Generates whole batches of plan rows and writes their images to `output`/images/.
 
@@ -86,7 +46,7 @@ class GenerationActor:
     recorded) are neither written nor returned. Output rows: id, image (URI), sha256,
     model_hash, seconds, worker, error (null unless the row failed); with `inception_weights`
     ([object ref of a state dict], `run --metrics`) also each image's Inception features and
-    logits, computed while it is in memory (see `sdbatch.metrics.RunFeatures`).
+    logits, computed while it is in memory (see `sdbatch.jobs.metrics.RunFeatures`).
     """
 
     def __init__(self, model: str, output: str, dtype: str = "auto", device: str = "auto",
@@ -105,7 +65,7 @@ class GenerationActor:
         if inception_weights:
             import ray
 
-            from sdbatch.metrics import build_inception
+            from sdbatch.inception import build_inception
 
             self.inception = build_inception(ray.get(inception_weights[0]), str(self.model.device))
 
@@ -145,7 +105,7 @@ class GenerationActor:
             init_images=init_images, strength=first["strength"], progress=False)
         seconds = (time.perf_counter() - start) / len(rows)
         if self.inception is not None:
-            from sdbatch.metrics import extract_arrays
+            from sdbatch.inception import extract_arrays
 
             features, logits = extract_arrays(self.inception, list(images))
         for k, (row, image) in enumerate(zip(rows, images)):
@@ -196,7 +156,7 @@ class InceptionFeatureActor:
     Every call carries `weights`, [object ref of the Inception state dict] (loaded with
     weights_only once on the driver): the actor builds the network on its first call, so a
     restarted actor rebuilds it without constructor arguments in the object store. See
-    `sdbatch.metrics.extract_shard` for what a shard returns.
+    `sdbatch.inception.extract_shard` for what a shard returns.
     """
 
     def __init__(self, threads: int | None = None, batch_size: int = 32):
@@ -217,7 +177,7 @@ class InceptionFeatureActor:
                 weights: list) -> dict[str, Any]:
         import ray
 
-        from sdbatch.metrics import build_inception, extract_shard
+        from sdbatch.inception import build_inception, extract_shard
 
         if self.model is None:
             self.model = build_inception(ray.get(weights[0]), self._device)

@@ -258,7 +258,7 @@ def cluster_limits(cluster: LocalAutoscalingCluster, env: dict, tmp: Path) -> di
     """What the job's driver, connected to `cluster`, finds the cluster can grow to."""
     result = tmp / "limits.json"
     # into a file: a driver's stdout also carries the autoscaler's event lines
-    code = ("import json, pathlib, ray, sdbatch.jobs as jobs; ray.init(address=%r, logging_level='ERROR'); "
+    code = ("import json, pathlib, ray, sdbatch.jobs.common as jobs; ray.init(address=%r, logging_level='ERROR'); "
             "pathlib.Path(%r).write_text(json.dumps(jobs._max_cluster_resources()))" % (cluster.address, str(result)))
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=120)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from sdbatch import jobs
+from sdbatch.jobs import plan as jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from ray_fixtures import ray_head  # noqa: F401  (fixture)
-from sdbatch import jobs
+from sdbatch.errors import JobError
+from sdbatch.jobs import cli as jobs_cli, common, plan as planning
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--sampler", "euler", "--batch-size", "2",
@@ -41,7 +42,7 @@ def read_parts(folder: Path):
 
 
 def run(table, out, model, *extra, capsys=None):
-    rc = jobs.main(["run", str(table), "--model", str(model), "--output", str(out), *FAST, *extra])
+    rc = jobs_cli.main(["run", str(table), "--model", str(model), "--output", str(out), *FAST, *extra])
     return rc, (capsys.readouterr().err if capsys else "")
 
 
@@ -90,7 +91,7 @@ def test_job_outputs_errors_unsafe_ids_status_and_rerun(ray_head, tiny_safetenso
         assert col in m.columns
     rows = m.set_index("id")
     assert rows.loc["b-0", "seed"] == 1234 and rows.loc["b-1", "seed"] == 1235
-    assert rows.loc["a", "seed"] == jobs.derive_seed(0, "a")
+    assert rows.loc["a", "seed"] == planning.derive_seed(0, "a")
     assert rows.loc["b-1", "negative_prompt"] == "blurry" and rows.loc["b-1", "note"] == "carried-1"
     assert rows.loc["img", "init_image"] == str(init) and rows.loc["img", "strength"] == 0.5
     assert (m["model_hash"] == model_hash).all() and (m["steps"] == 2).all()
@@ -119,7 +120,7 @@ def test_job_outputs_errors_unsafe_ids_status_and_rerun(ray_head, tiny_safetenso
     assert run_json["model_hash"] == model_hash and run_json["settings"]["steps"] == 2
     assert run_json["versions"]["ray"] and run_json["rows"] == 13
 
-    assert jobs.main(["status", str(out)]) == 0
+    assert jobs_cli.main(["status", str(out)]) == 0
     assert "done: 7\nerrored: 6\nremaining: 0" in capsys.readouterr().out
 
     # the same command again: nothing to do, nothing written twice
@@ -129,7 +130,7 @@ def test_job_outputs_errors_unsafe_ids_status_and_rerun(ray_head, tiny_safetenso
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.json"} == before
 
     # other generation settings into the same OUT are refused
-    rc = jobs.main(["run", str(table), "--model", str(tiny_safetensors), "--output", str(out),
+    rc = jobs_cli.main(["run", str(table), "--model", str(tiny_safetensors), "--output", str(out),
                     *FAST[:1], "3", *FAST[2:]])
     assert rc == 2 and "steps 2 -> 3" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.json"} == before
@@ -252,7 +253,7 @@ def test_other_settings_or_weights_refused_unless_overwrite(ray_head, tiny_safet
     rc, err = run(small, out, model, "--seed", "5", "--overwrite", capsys=capsys)
     assert rc == 0, err
     m = read_parts(out / "manifest")
-    assert sorted(m["seed"]) == sorted(jobs.derive_seed(5, i) for i in m["id"])
+    assert sorted(m["seed"]) == sorted(planning.derive_seed(5, i) for i in m["id"])
     assert sorted(m["id"]) == ["00000000", "00000001"]
     assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 5
 
@@ -286,7 +287,7 @@ def test_table_model_and_outputs_on_s3(ray_head, tiny_safetensors, tmp_path, cap
     assert len(list(Path(ray_head.env["SDBATCH_CACHE"]).rglob("tiny.safetensors"))) == 1
 
     capsys.readouterr()
-    assert jobs.main(["status", args[1]]) == 0
+    assert jobs_cli.main(["status", args[1]]) == 0
     assert "done: 3\nerrored: 0\nremaining: 0" in capsys.readouterr().out
     rc, err = run(args[0], args[1], args[2], capsys=capsys)
     assert rc == 0 and "0 to generate" in err
@@ -318,13 +319,13 @@ def test_cpu_actor_pool_never_oversubscribes_cores(ray_head):
 
     cpus = int(ray.cluster_resources()["CPU"])  # 2 on the test head
     for workers in (None, "1", "2", "5", "auto"):
-        pool = jobs.actor_pool(workers, None)
+        pool = common.actor_pool(workers, None)
         assert pool.num_gpus == 0 and pool.threads == pool.num_cpus  # Ray reserves what torch uses
         assert (pool.max_size or 1) * pool.threads <= cpus
-    assert jobs.actor_pool(None, None).threads == cpus  # one actor gets every core
-    assert jobs.actor_pool("2", None).max_size == 2
-    with pytest.raises(jobs.JobError, match="no GPUs"):
-        jobs.actor_pool(None, 1.0)
+    assert common.actor_pool(None, None).threads == cpus  # one actor gets every core
+    assert common.actor_pool("2", None).max_size == 2
+    with pytest.raises(JobError, match="no GPUs"):
+        common.actor_pool(None, 1.0)
 
 
 class FlakyS3Proxy:

@@ -14,14 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sdbatch import jobs, storage
-from sdbatch.actors import a1111_parameters, encode_png, safe_name
+from sdbatch import storage
+from sdbatch.jobs import cli, plan as planning
+from sdbatch.a1111 import a1111_parameters, encode_png
+from sdbatch.actors import safe_name
 
-SETTINGS = dict(jobs.DEFAULTS, steps=2, width=64, height=64, model="m", dtype="auto")
+SETTINGS = dict(planning.DEFAULTS, steps=2, width=64, height=64, model="m", dtype="auto")
 
 
 def plan_of(**columns):
-    return jobs.make_plan(pa.table(columns), SETTINGS)
+    return planning.make_plan(pa.table(columns), SETTINGS)
 
 
 def test_ids_and_seeds_are_derived_stably():
@@ -33,7 +35,7 @@ def test_ids_and_seeds_are_derived_stably():
     digest = hashlib.sha256(b"0:00000000").digest()
     assert seeds["00000000"] == int.from_bytes(digest[:4], "big")
     # another --seed gives other seeds; the same table and --seed give the same plan
-    other = jobs.make_plan(pa.table({"prompt": ["a", "b", "c"]}), dict(SETTINGS, seed=1))
+    other = planning.make_plan(pa.table({"prompt": ["a", "b", "c"]}), dict(SETTINGS, seed=1))
     assert other.rows[0]["seed"] != seeds["00000000"]
     assert plan_of(prompt=["a", "b", "c"], num_images=[None, 3, None], seed=[None, 100, None]).rows == plan.rows
 
@@ -70,13 +72,13 @@ def test_row_problems_become_errors_naming_the_problem():
 
 def test_batches_have_one_shape_and_do_not_depend_on_what_is_done():
     plan = plan_of(prompt=list("abcdefg"), width=[64, 128, 64, 64, 128, 64, 64])
-    batches = jobs.make_batches(plan.rows, 2)
-    assert all(len({jobs.shape_key(r) for r in b}) == 1 for b in batches)
+    batches = planning.make_batches(plan.rows, 2)
+    assert all(len({planning.shape_key(r) for r in b}) == 1 for b in batches)
     assert sorted(r["id"] for b in batches for r in b) == sorted(r["id"] for r in plan.rows)
     assert [len(b) for b in batches] == [2, 2, 1, 2]
     # rows appended to the table only join the last batch of their shape
     more = plan_of(prompt=list("abcdefgh"), width=[64, 128, 64, 64, 128, 64, 64, 64])
-    assert [[r["id"] for r in b] for b in jobs.make_batches(more.rows, 2)][:2] == \
+    assert [[r["id"] for r in b] for b in planning.make_batches(more.rows, 2)][:2] == \
         [[r["id"] for r in b] for b in batches][:2]
 
 
@@ -132,11 +134,11 @@ def test_table_files_folder_and_glob(tmp_path):
         pq.write_table(pa.table({"prompt": [name]}), tmp_path / name)
     (tmp_path / "sub").mkdir()
     pq.write_table(pa.table({"prompt": ["c"]}), tmp_path / "sub" / "c.parquet")
-    _, files = jobs.table_files(str(tmp_path))
+    _, files = planning.table_files(str(tmp_path))
     assert [Path(f).name for f in files] == ["a.parquet", "b.parquet", "c.parquet"]
-    _, files = jobs.table_files(str(tmp_path / "*.parquet"))
+    _, files = planning.table_files(str(tmp_path / "*.parquet"))
     assert [Path(f).name for f in files] == ["a.parquet", "b.parquet"]
-    assert jobs.read_table(str(tmp_path)).column("prompt").to_pylist() == ["a.parquet", "b.parquet", "c"]
+    assert planning.read_table(str(tmp_path)).column("prompt").to_pylist() == ["a.parquet", "b.parquet", "c"]
 
 
 @pytest.mark.parametrize("columns, message", [
@@ -147,7 +149,7 @@ def test_table_files_folder_and_glob(tmp_path):
 ])
 def test_bad_column_types_fail_naming_the_column(tmp_path, capsys, columns, message):
     pq.write_table(pa.table(columns), tmp_path / "t.parquet")
-    rc = jobs.main(["run", str(tmp_path / "t.parquet"), "--model", "m.safetensors", "--output", str(tmp_path / "out")])
+    rc = cli.main(["run", str(tmp_path / "t.parquet"), "--model", "m.safetensors", "--output", str(tmp_path / "out")])
     assert rc == 2
     err = capsys.readouterr().err
     assert message in err and "t.parquet" in err
@@ -156,7 +158,7 @@ def test_bad_column_types_fail_naming_the_column(tmp_path, capsys, columns, mess
 
 def test_unknown_sampler_flag_fails_before_anything_is_written(tmp_path, capsys):
     pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "t.parquet")
-    rc = jobs.main(["run", str(tmp_path / "t.parquet"), "--model", "m.safetensors", "--output", str(tmp_path / "out"),
+    rc = cli.main(["run", str(tmp_path / "t.parquet"), "--model", "m.safetensors", "--output", str(tmp_path / "out"),
                     "--sampler", "plms"])
     assert rc == 2
     assert "--sampler 'plms' is unknown; use one of ddpm, ddim" in capsys.readouterr().err

@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sdbatch import metrics
-from sdbatch.jobs import main
+from sdbatch import inception, metrics
+from sdbatch.jobs import metrics as metrics_job
+from sdbatch.jobs.cli import main
 from conftest import set_env
 
 N_GEN, N_REF = 12, 10
@@ -74,7 +75,7 @@ def data(tmp_path_factory):
                    bad / "manifest" / "part-0.parquet")
     table = root / "ref.parquet"
     pq.write_table(pa.table({"image": [p.read_bytes() for p in sorted(ref.glob("*.png"))]}), table)
-    weights = metrics.save_random_inception_weights(str(root / "inception-random.pth"))
+    weights = inception.save_random_inception_weights(str(root / "inception-random.pth"))
     return dict(root=root, out=out, ref=ref, bad=bad, table=table, weights=weights)
 
 
@@ -235,7 +236,7 @@ def test_is_and_kid_from_chunks_and_memmaps_equal_torch_fidelity(tmp_path):
     stored = np.lib.format.open_memmap(tmp_path / "f1.npy", mode="w+", dtype=np.float32, shape=(64, 2048))
     keep = np.sort(rng.choice(64, 60, replace=False))
     stored[keep] = f1
-    ours = metrics.kernel_inception_distance(metrics._Rows(stored, keep), f2, 7, 20, 2020)
+    ours = metrics.kernel_inception_distance(metrics_job._Rows(stored, keep), f2, 7, 20, 2020)
     theirs = kid_features_to_metric(torch.from_numpy(f1), torch.from_numpy(f2), kid_subsets=7,
                                     kid_subset_size=20, rng_seed=2020, verbose=False)
     assert ours == (theirs["kernel_inception_distance_mean"], theirs["kernel_inception_distance_std"])
@@ -254,25 +255,25 @@ def test_stats_file_round_trip(tmp_path):
 
 
 def test_sources_list_images_in_torch_fidelity_order(data, tmp_path):
-    folder = metrics.open_source(str(data["ref"]))
+    folder = inception.open_source(str(data["ref"]))
     assert folder.kind == "folder" and folder.count == N_REF
     uris = [u for _, spec in folder.shards(3) for u in spec[1]]
     assert uris == folder.uris == sorted(str(p) for p in data["ref"].glob("*.png"))
-    job = metrics.open_source(str(data["bad"]))
+    job = inception.open_source(str(data["bad"]))
     assert job.kind == "job" and job.count == N_GEN + 2 and [s for s, _ in job.shards(5)] == [0, 5, 10]
-    table = metrics.open_source(str(data["table"]))
+    table = inception.open_source(str(data["table"]))
     assert table.kind == "table" and [s for s, _ in table.shards(4)] == [0, 4, 8]
     # Table rows read back as the very pixels of the folder's files.
-    items = metrics.shard_items(table.shards(4)[1][1])
-    assert np.array_equal(metrics.read_image(items[0][1]), np.asarray(Image.open(uris[4]).convert("RGB")))
+    items = inception.shard_items(table.shards(4)[1][1])
+    assert np.array_equal(inception.read_image(items[0][1]), np.asarray(Image.open(uris[4]).convert("RGB")))
     # {bytes, path} structs (Hugging Face datasets) and relative paths.
     (tmp_path / "imgs").mkdir()
     shutil.copy(uris[0], tmp_path / "imgs" / "a.png")
     pq.write_table(pa.table({"picture": [{"bytes": None, "path": "imgs/a.png"},
                                          {"bytes": (data["ref"] / "r001.png").read_bytes(), "path": None}]}),
                    tmp_path / "hf.parquet")
-    src = metrics.open_source(str(tmp_path / "hf.parquet"), image_column="picture")
-    first, second = (metrics.read_image(v) for _, v in metrics.shard_items(src.shards(10)[0][1]))
+    src = inception.open_source(str(tmp_path / "hf.parquet"), image_column="picture")
+    first, second = (inception.read_image(v) for _, v in inception.shard_items(src.shards(10)[0][1]))
     assert np.array_equal(first, np.asarray(Image.open(uris[0]).convert("RGB")))
     assert np.array_equal(second, np.asarray(Image.open(data["ref"] / "r001.png").convert("RGB")))
 
@@ -284,25 +285,25 @@ def _error(capsys, argv):
 
 
 def test_missing_weights_name_the_file_and_where_to_put_it(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv(metrics.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("SDBATCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv(metrics.WEIGHTS_URL_ENV, "http://127.0.0.1:9/weights.pth")  # refuses connections
+    monkeypatch.setenv(inception.WEIGHTS_URL_ENV, "http://127.0.0.1:9/weights.pth")  # refuses connections
     err = _error(capsys, [str(data["ref"]), "--save-stats", str(tmp_path / "x.npz")])
     assert "weights-inception-2015-12-05-6726825d.pth" in err
     assert str(tmp_path / "cache" / "inception" / "weights-inception-2015-12-05-6726825d.pth") in err
-    assert "--inception-weights" in err and metrics.WEIGHTS_ENV in err
+    assert "--inception-weights" in err and inception.WEIGHTS_ENV in err
     assert not (tmp_path / "x.npz").exists()
     # A file in the cache is found without any flag.
     target = tmp_path / "cache" / "inception" / "weights-inception-2015-12-05-6726825d.pth"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(data["weights"], target)
-    assert metrics.resolve_inception_weights() == str(target)
+    assert inception.resolve_inception_weights() == str(target)
     # ... and, named like the official file, it must carry the official hash.
     with pytest.raises(metrics.MetricsError, match="sha256"):
-        metrics.load_inception_weights(str(target))
-    monkeypatch.setenv(metrics.WEIGHTS_ENV, str(tmp_path / "nope.pth"))
-    assert f"${metrics.WEIGHTS_ENV} {tmp_path / 'nope.pth'} does not exist" in _error(
+        inception.load_inception_weights(str(target))
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "nope.pth"))
+    assert f"${inception.WEIGHTS_ENV} {tmp_path / 'nope.pth'} does not exist" in _error(
         capsys, [str(data["ref"]), "--save-stats", str(tmp_path / "x.npz")])
 
 
@@ -313,10 +314,10 @@ class Payload:  # anything a weights_only load must refuse to construct
 def test_weights_files_that_are_not_plain_inception_state_dicts(tmp_path):
     torch.save({"w": torch.zeros(1), "p": Payload()}, tmp_path / "pickled.pth")
     with pytest.raises(metrics.MetricsError, match="not a plain PyTorch state dict"):
-        metrics.load_inception_weights(str(tmp_path / "pickled.pth"))
+        inception.load_inception_weights(str(tmp_path / "pickled.pth"))
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     with pytest.raises(metrics.MetricsError, match="not torch-fidelity's InceptionV3"):
-        metrics.build_inception(metrics.load_inception_weights(str(tmp_path / "other.pth")).state_dict)
+        inception.build_inception(inception.load_inception_weights(str(tmp_path / "other.pth")).state_dict)
 
 
 def test_bad_inputs_are_reported(data, tmp_path, capsys):

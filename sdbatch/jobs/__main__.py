@@ -1,0 +1,5 @@
+import sys
+
+from sdbatch.jobs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,84 @@
+"""The jobs' command line.
+
+    python -m sdbatch.jobs run PROMPTS --model SRC --output OUT [options]
+    python -m sdbatch.jobs status OUT
+    python -m sdbatch.jobs metrics OUT --reference REF
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sdbatch.errors import JobError
+from sdbatch.jobs.generate import run_command, status_command
+from sdbatch.jobs.plan import DEFAULTS
+
+
+def _workers(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError("must be a positive integer or 'auto'")
+    return value
+
+
+def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sdbatch.jobs", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate the images of a prompt table")
+    run.add_argument("prompts", help="Parquet file, folder or glob; local or fsspec URI (s3://...)")
+    run.add_argument("--model", required=True, help="checkpoint (.safetensors/.ckpt) or diffusers folder; path or URI")
+    run.add_argument("--output", required=True, help="output folder; path or URI")
+    run.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="sampling steps (default: %(default)s)")
+    run.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"], help="guidance scale (default: %(default)s)")
+    run.add_argument("--sampler", default=DEFAULTS["sampler"],
+                     help="ddpm, ddim, euler, euler_a, dpmpp_2m or dpmpp_2m_karras (default: %(default)s)")
+    run.add_argument("--width", type=int, default=DEFAULTS["width"], help="multiple of 8 (default: %(default)s)")
+    run.add_argument("--height", type=int, default=DEFAULTS["height"], help="multiple of 8 (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                     help="base of the seeds of rows without a seed (default: %(default)s)")
+    run.add_argument("--batch-size", type=int, default=4, help="images per model call (default: %(default)s)")
+    run.add_argument("--workers", type=_workers, default=None,
+                     help="actors: N, or 'auto' to scale with the cluster (default: one per GPU, or 1 on CPU)")
+    run.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="auto: float16 on CUDA, bfloat16 on CPUs with fast bf16, else float32")
+    run.add_argument("--overwrite", action="store_true", help="delete OUT's previous outputs first")
+    run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--metrics", action="store_true",
+                     help="end with FID/IS/KID against --reference (OUT/metrics.json), taking each new "
+                          "image's Inception features while it is in memory")
+    run.add_argument("--reference", metavar="REF", help="with --metrics: reference images or .npz statistics, "
+                     "as for the metrics command")
+    run.add_argument("--inception-weights", metavar="PATH", help="with --metrics: as for the metrics command")
+    run.set_defaults(handler=run_command)
+
+    status = sub.add_parser("status", help="count done, errored and remaining rows of OUT")
+    status.add_argument("output")
+    status.set_defaults(handler=status_command)
+
+    metrics = sub.add_parser("metrics", help="FID / IS / KID of generated images")
+    metrics.set_defaults(handler=None)
+    if with_metrics:  # imported only when asked for: `run` needs none of the metrics extra
+        from sdbatch.jobs.metrics import add_metrics_arguments, metrics_command
+
+        add_metrics_arguments(metrics)
+        metrics.set_defaults(handler=metrics_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(with_metrics=argv[:1] == ["metrics"]).parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        print("error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.handler(args)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

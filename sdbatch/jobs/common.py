@@ -1,0 +1,164 @@
+"""What every job kind shares: the Ray session, actor pools sized from the cluster, progress
+lines and the run record's versions and times."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+
+from sdbatch.errors import JobError
+
+
+class Progress:
+    """`rows done/total | images/s | ETA` on stderr: redrawn on a terminal, a line every 10 s
+    in a log (as under `ray job submit`)."""
+
+    def __init__(self, total: int, done: int, stream=None):
+        self.total, self.done, self.errors, self.new = total, done, 0, 0
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = self.last = time.monotonic()
+        self.show(force=True)
+
+    def update(self, ok: int, err: int) -> None:
+        self.done += ok + err
+        self.new += ok
+        self.errors += err
+        self.show()
+
+    def show(self, force: bool = False, end: str = "") -> None:
+        now = time.monotonic()
+        if not force and now - self.last < (0.5 if self.tty else 10):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.new / elapsed
+        left = self.total - self.done
+        eta = str(datetime.timedelta(seconds=round(left / rate))) if rate > 0 else "?"
+        line = (f"rows {self.done}/{self.total} ({self.errors} errors) | "
+                f"{rate:.2f} images/s | ETA {eta}")
+        self.stream.write(("\r" + line + end) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.show(force=True, end="\n")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("sdbatch", "torch", "ray", "pyarrow", "numpy", "pillow", "fsspec", "s3fs"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Connected to Ray for the block: the one already initialised, RAY_ADDRESS / --address, or a
+    local Ray started for the block and shut down after it."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or "local", logging_level="WARNING", log_to_driver=True)
+    try:
+        yield
+    finally:
+        if not address:
+            ray.shutdown()
+
+
+@dataclass
+class Pool:
+    min_size: int
+    max_size: int | None  # None: no bound known, Ray Data grows the pool as the cluster grows
+    num_gpus: float
+    num_cpus: float
+    threads: int
+
+
+def actor_pool(workers: str | None, gpus_per_worker: float | None) -> Pool:
+    """Actor count and resources from the cluster: one actor per `gpus_per_worker` GPUs, or on
+    a cluster without GPUs, CPU actors whose torch threads add up to the CPUs (never more).
+    `--workers auto` gives an autoscaling pool from 1 to what the cluster has or can add."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 1)), res.get("GPU", 0)
+    can_add = _max_cluster_resources()
+    max_gpus = max(gpus, (can_add or {}).get("GPU", 0))
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if max_gpus else 0.0
+    if gpus_per_worker > 0:
+        if not max_gpus and can_add is not None:
+            raise JobError(f"--gpus-per-worker {gpus_per_worker:g} but the cluster has no GPUs")
+        now = max(1, int(gpus // gpus_per_worker))
+        threads = max(1, min(4, cpus // now))
+        if workers == "auto":
+            most = None if can_add is None else max(1, int(max_gpus // gpus_per_worker))
+            return Pool(1, most, gpus_per_worker, 1, threads)
+        n = int(workers) if workers else now
+        return Pool(n, n, gpus_per_worker, 1, threads)
+    if workers == "auto":
+        threads = min(cpus, 4)
+        most = max(1, max(cpus, int((can_add or {}).get("CPU", 0))) // threads)
+        return Pool(1, most, 0, threads, threads)
+    n = int(workers or 1)
+    if n > cpus:
+        print(f"note: {n} CPU workers on {cpus} CPUs; using {cpus}", file=sys.stderr)
+        n = cpus
+    threads = max(1, cpus // n)
+    return Pool(n, n, 0, threads, threads)
+
+
+def _max_cluster_resources() -> dict[str, float] | None:
+    """What an autoscaling cluster can grow to: {} without an autoscaler, None if one runs
+    but its limits are unknown.
+
+    KubeRay reports its node types to the GCS. Ray's cluster launcher (`ray up`) doesn't, but
+    leaves them in ~/ray_bootstrap_config.yaml on the head, where `ray job submit` runs us.
+    """
+    import ray._private.state
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        limits = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:  # not every Ray deployment reports a cluster config
+        limits = None
+    if limits:
+        return limits
+    bootstrap = os.path.expanduser("~/ray_bootstrap_config.yaml")
+    if os.path.exists(bootstrap):
+        import yaml
+
+        with open(bootstrap) as f:
+            config = yaml.safe_load(f)
+        totals: dict[str, float] = {}
+        for name, node_type in config["available_node_types"].items():
+            count = 1 if name == config["head_node_type"] else node_type.get("max_workers", 0)
+            for resource, amount in node_type.get("resources", {}).items():
+                totals[resource] = totals.get(resource, 0) + amount * count
+        return totals
+    # The monitor's status names each node's type; without an autoscaling config (a local
+    # Ray, `ray start --head`) every node has the read-only provider's anonymous type.
+    status = json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or "{}")
+    types = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    managed = any(t != format_readonly_node_type(node) for node, t in types.items())
+    return None if managed else {}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

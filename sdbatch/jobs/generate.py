@@ -1,0 +1,149 @@
+"""The batch job: a Parquet table of prompts in, a folder of images with a manifest out.
+
+    python -m sdbatch.jobs run PROMPTS --model SRC --output OUT [options]
+    python -m sdbatch.jobs status OUT
+
+`run` works in three steps:
+1. Plan, on the driver: read the table (a Parquet file, folder or glob, local or any fsspec
+   URI), check its columns, derive each image's id and seed, check each row, and drop the
+   ids OUT already records (in its manifest or errors) so a re-run does only what is missing.
+2. Generate, on Ray: the rows, sorted by shape so each batch has one size/steps/sampler, go
+   through Ray Data's `map_batches` to a pool of `GenerationActor`s (one GPU each, or CPU
+   threads split across actors), which write `OUT/images/<id>.png`.
+3. Record, on the driver: manifest and error rows are written as Parquet parts named by the
+   hash of their ids, so no run ever writes a row twice, and a killed run loses at most the
+   rows it had not yet recorded (whose images are then regenerated, byte for byte).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from typing import Any
+
+from sdbatch.errors import JobError
+from sdbatch.jobs.common import Pool, Progress, actor_pool, now, ray_session, versions
+from sdbatch.jobs.output import Output, Recorder, counts, errors_table, summary
+from sdbatch.jobs.plan import make_batches, make_plan, read_table
+
+
+def generate_on_ray(args, out: Output, work: list[list[dict[str, Any]]], recorder: Recorder,
+                    progress: Progress, pool: Pool) -> None:
+    """Runs the batches through a GenerationActor pool and records results as they arrive."""
+    import ray.data
+
+    from sdbatch.actors import GenerationActor
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    compute = (ray.data.ActorPoolStrategy(size=pool.min_size) if pool.min_size == pool.max_size
+               else ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size))
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3") if k in os.environ}
+    # One item per batch, so Ray Data can never split or merge the planned batches; blocks
+    # are built on the driver (from_items), one or a few batches each.
+    items = [{"rows": json.dumps(batch)} for batch in work]
+    features = getattr(args, "run_features", None)  # run --metrics (sdbatch.metrics.RunFeatures)
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 20_000)).map_batches(
+        GenerationActor, compute=compute, batch_size=1, batch_format="pyarrow",
+        num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus,
+        fn_constructor_kwargs=dict(model=args.model, output=out.uri, dtype=args.dtype,
+                                   device="auto" if pool.num_gpus else "cpu", threads=pool.threads,
+                                   inception_weights=features.actor_weights() if features else None),
+        **({"runtime_env": {"env_vars": env}} if env else {}))
+    with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))) as blocks:
+        for block in blocks:  # closing: a failure here stops the actors at once
+            record_block(args, out, block, features, recorder, progress)
+
+
+def record_block(args, out: Output, block, features, recorder: Recorder, progress: Progress) -> None:
+    """Checks a block of actor results and records it."""
+    if features is not None:
+        block = features.take(block)
+    results = block.to_pylist()
+    other = {r["model_hash"] for r in results} - {args.expected_hash}
+    if args.expected_hash and other:  # checked before anything of this model is recorded
+        raise JobError(f"the model {args.model} now has hash {other.pop()[:10]}, but {out.uri} "
+                       f"was generated with {args.expected_hash[:10]}; use another --output, "
+                       f"or --overwrite")
+    progress.update(*recorder.add(results))
+
+
+def generation_settings(args) -> dict[str, Any]:
+    return dict(model=args.model, steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
+                width=args.width, height=args.height, seed=args.seed, dtype=args.dtype)
+
+
+def run_command(args) -> int:
+    from sdbatch.model.samplers import SAMPLERS
+
+    if args.sampler not in SAMPLERS:
+        raise JobError(f"--sampler {args.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+    out = Output(args.output)
+    settings = generation_settings(args)
+    table = read_table(args.prompts)
+    previous = out.read_run()
+    if previous and previous["settings"] != settings and not args.overwrite:
+        diff = ", ".join(f"{k} {previous['settings'].get(k)!r} -> {v!r}"
+                         for k, v in settings.items() if previous["settings"].get(k) != v)
+        raise JobError(f"{out.uri} holds images made with other generation settings ({diff}); "
+                       f"use another --output, or --overwrite to delete its images, manifest and "
+                       f"errors and start again")
+    if args.overwrite:
+        out.clear()
+        previous = None
+    plan = make_plan(table, settings)
+    done, failed = set(out.ids("manifest")), set(out.ids("errors"))
+    recorded = done | failed
+    # whole batches, as planned, for every batch with an image not yet recorded
+    work = [[dict(r, skip=r["id"] in recorded) for r in batch]
+            for batch in make_batches(plan.rows, args.batch_size)
+            if any(r["id"] not in recorded for r in batch)]
+    todo = [r for batch in work for r in batch if not r["skip"]]
+    new_errors = [e for e in plan.errors if e["id"] not in recorded]
+    if new_errors:
+        out.write_part("errors", errors_table(new_errors, table))
+        failed |= {e["id"] for e in new_errors}
+    args.expected_hash = (previous or {}).get("model_hash")
+    run = dict(settings=settings, model_hash=args.expected_hash, prompts=args.prompts, rows=plan.total,
+               batch_size=args.batch_size, workers=args.workers, versions=versions(),
+               started=now(), finished=None)
+    out.write_run(run)
+    table_ids = {r["id"] for r in plan.rows} | {e["id"] for e in plan.errors}
+    print(f"{plan.total} images planned: {len(done & table_ids)} already done, "
+          f"{len(failed & table_ids)} failed, {len(todo)} to generate", file=sys.stderr)
+    if args.metrics:  # weights and reference checked before any image is generated
+        from sdbatch.jobs.metrics import RunFeatures
+
+        args.run_features = RunFeatures(args.inception_weights, args.reference, len(todo))
+    if todo:
+        with ray_session(args.address):
+            recorder = Recorder(out, table, {r["id"]: r for r in todo})
+            progress = Progress(plan.total, plan.total - len(todo))
+            try:
+                pool = actor_pool(args.workers, args.gpus_per_worker)
+                generate_on_ray(args, out, work, recorder, progress, pool)
+            finally:
+                recorder.flush()
+                progress.close()
+        run["model_hash"] = recorder.model_hash or run["model_hash"]
+    run["finished"] = now()
+    out.write_run(run)
+    if args.metrics:
+        from sdbatch.jobs.metrics import metrics_after_run
+
+        metrics_after_run(out.uri, args.run_features, args.address)
+    return summary(out, table_ids, plan.total)
+
+
+def status_command(args) -> int:
+    out = Output(args.output)
+    run = out.read_run()
+    if run is None:
+        raise JobError(f"{out.uri} has no run.json: not the output of `sdbatch.jobs run`")
+    done, failed = counts(out)
+    remaining = max(0, run["rows"] - done - failed)
+    print(f"done: {done}\nerrored: {failed}\nremaining: {remaining}")
+    return 0
