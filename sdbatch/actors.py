@@ -16,6 +16,8 @@ import socket
 import time
 from typing import Any
 
+import numpy as np
+
 from sdbatch import storage
 from sdbatch.a1111 import a1111_parameters, encode_png
 
@@ -37,13 +39,22 @@ def safe_name(image_id: str) -> str:
     return f"{stem}-{hashlib.sha256(image_id.encode()).hexdigest()[:16]}"
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The array as a .npy file (numpy's format, read back with np.load(allow_pickle=False))."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
 class GenerationActor:
     """Generates whole batches of plan rows and writes their images to `output`/images/.
 
     Each input row is one batch: a column `rows` holding the JSON list of the batch's plan rows (id, prompt,
     negative_prompt, seed, steps, cfg_scale, sampler, width, height, init_image, strength,
     skip), all of one shape. The batch is generated whole; rows marked `skip` (already
-    recorded) are neither written nor returned. Output rows: id, image (URI), sha256,
+    recorded) are neither written nor returned. Beside each image `output`/latents/<name>.npy
+    keeps its final latent, float16 (4, height/8, width/8), for the run report's latent space.
+    Output rows: id, image (URI), latent (URI), sha256,
     model_hash, seconds, worker, error (null unless the row failed); with `inception_weights`
     ([object ref of a state dict], `run --metrics`) also each image's Inception features and
     logits, computed while it is in memory (see `sdbatch.jobs.metrics.RunFeatures`).
@@ -60,6 +71,7 @@ class GenerationActor:
         dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         self.model = sdbatch.load_model(model, device=device, dtype=dtype)
         self.fs, self.images = storage.url_to_fs(storage.join(output, "images"))
+        self.latents = storage.url_to_fs(storage.join(output, "latents"))[1]
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.inception = None
         if inception_weights:
@@ -98,11 +110,11 @@ class GenerationActor:
         start = time.perf_counter()
         # A failure here (out of memory, a bug) is not the row's fault: it fails the task, so
         # the job stops with the error and a re-run retries these rows.
-        images = sdbatch.generate(
+        images, latents = sdbatch.generate(
             self.model, [r["prompt"] for r in rows], [r["negative_prompt"] for r in rows],
             seeds=[r["seed"] for r in rows], steps=first["steps"], cfg_scale=first["cfg_scale"],
             sampler=first["sampler"], width=first["width"], height=first["height"],
-            init_images=init_images, strength=first["strength"], progress=False)
+            init_images=init_images, strength=first["strength"], progress=False, return_latents=True)
         seconds = (time.perf_counter() - start) / len(rows)
         if self.inception is not None:
             from sdbatch.inception import extract_arrays
@@ -114,7 +126,10 @@ class GenerationActor:
             png = encode_png(image, a1111_parameters(row, self.model.hash))
             path = storage.join(self.images, safe_name(row["id"]) + ".png")
             storage.write_bytes(self.fs, path, png)
+            latent = storage.join(self.latents, safe_name(row["id"]) + ".npy")
+            storage.write_bytes(self.fs, latent, npy_bytes(latents[k].astype(np.float16)))
             results.append(dict(id=row["id"], image=storage.to_uri(self.fs, path),
+                                latent=storage.to_uri(self.fs, latent),
                                 sha256=hashlib.sha256(png).hexdigest(), model_hash=self.model.hash,
                                 seconds=seconds, worker=self.worker, error=None))
             if self.inception is not None:
@@ -129,14 +144,14 @@ class GenerationActor:
             return im.convert("RGB")
 
     def _error(self, row: dict[str, Any], message: str) -> dict[str, Any]:
-        return dict(id=row["id"], image=None, sha256=None, model_hash=self.model.hash, seconds=None,
+        return dict(id=row["id"], image=None, latent=None, sha256=None, model_hash=self.model.hash, seconds=None,
                     worker=self.worker, error=message)
 
 
 def result_schema(with_features: bool = False):
     import pyarrow as pa
 
-    schema = pa.schema([("id", pa.string()), ("image", pa.string()), ("sha256", pa.string()),
+    schema = pa.schema([("id", pa.string()), ("image", pa.string()), ("latent", pa.string()), ("sha256", pa.string()),
                         ("model_hash", pa.string()), ("seconds", pa.float64()),
                         ("worker", pa.string()), ("error", pa.string())])
     if with_features:

@@ -19,7 +19,8 @@ def _part_name(ids: list[str]) -> str:
 
 
 class Output:
-    """OUT/: images/, manifest/*.parquet, errors/*.parquet, run.json."""
+    """OUT/: images/, latents/ (each image's final latent, .npy), manifest/*.parquet, errors/*.parquet,
+    run.json."""
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -50,7 +51,7 @@ class Output:
         storage.write_parquet(self.fs, self.path(folder, name), table)
 
     def clear(self) -> None:
-        for name in ("images", "manifest", "errors", "run.json"):
+        for name in ("images", "latents", "manifest", "errors", "run.json"):
             storage.remove(self.fs, self.path(name))
 
 
@@ -82,7 +83,7 @@ class Recorder:
             self.model_hash = self.model_hash or res["model_hash"]
             plan = self.plan_rows[res["id"]]
             if res["error"] is None:
-                self.done.append(dict(plan, **{k: res[k] for k in ("image", "sha256", "model_hash", "seconds", "worker")}))
+                self.done.append(dict(plan, **{k: res[k] for k in ("image", "latent", "sha256", "model_hash", "seconds", "worker")}))
                 ok += 1
             else:
                 self.failed.append(dict(id=res["id"], error=res["error"], row=plan["row"]))
@@ -116,7 +117,7 @@ def manifest_schema():
     s, i, f = pa.string(), pa.int64(), pa.float64()
     return pa.schema([("id", s), ("prompt", s), ("negative_prompt", s), ("seed", pa.int64()),
                       ("steps", i), ("cfg_scale", f), ("sampler", s), ("width", i), ("height", i),
-                      ("init_image", s), ("strength", f), ("image", s), ("sha256", s),
+                      ("init_image", s), ("strength", f), ("image", s), ("latent", s), ("sha256", s),
                       ("model_hash", s), ("seconds", f), ("worker", s)])
 
 

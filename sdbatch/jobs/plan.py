@@ -22,7 +22,7 @@ COLUMN_KINDS = {
     "height": "integer", "init_image": "string", "strength": "number", "num_images": "integer",
 }
 # Columns the manifest or error files add; a table may not carry columns of these names.
-RESERVED = ("image", "sha256", "model_hash", "seconds", "worker", "error", "row")
+RESERVED = ("image", "latent", "sha256", "model_hash", "seconds", "worker", "error", "row")
 PLAN_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler",
                 "width", "height", "init_image", "strength")
 

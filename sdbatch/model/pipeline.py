@@ -97,7 +97,8 @@ def generate(
     strength: float = 0.8,
     progress: bool = True,
     offload: str | torch.device | None = None,
-) -> np.ndarray:
+    return_latents: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Generate one image per prompt; returns uint8 (B, height, width, 3).
 
     negative_prompts: one per prompt ("" = unconditional, the default). cfg_scale 1 skips the
@@ -106,6 +107,8 @@ def generate(
     first of the last int(steps * strength) steps, which are then run.
     offload: run on this device (e.g. "cuda") while the model stays where it is (the CPU), moving
     each network there only while it runs: for GPUs too small to hold the whole model.
+    return_latents: also return the sampler's final latents, float32 (B, 4, height/8, width/8),
+    in the scaled latent space (what the VAE decodes after dividing by config.latent_scale).
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
@@ -132,7 +135,8 @@ def generate(
         pixels = torch.stack([load_init_image(im, width, height, i) for i, im in enumerate(init_images)])
         schedule = schedule[steps - int(steps * strength) :]
     if n == 0:
-        return np.zeros((0, height, width, 3), np.uint8)
+        empty = np.zeros((0, height, width, 3), np.uint8)
+        return (empty, np.zeros((0, 4, height // 8, width // 8), np.float32)) if return_latents else empty
 
     # The U-Net and the VAE cast inputs to their own dtype (a float16 VAE decoder may be kept in float32) and
     # return float32 for float32 inputs: sampling and guidance stay in float32 whatever the model dtype.
@@ -166,4 +170,6 @@ def generate(
         latents = run_sampler(spec, eps_denoiser(eps, schedule), x, schedule.sigmas, noise, disable=not progress)
     with _placed(model.vae, offload):
         images = model.vae.decode(latents / model.config.latent_scale)
+    if return_latents:
+        return to_uint8(images), latents.float().cpu().numpy()
     return to_uint8(images)
