@@ -7,7 +7,9 @@ on the CPU and moved to the data's device, so a step's draws depend on the gener
 never on the device or the thread count.
 """
 
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,7 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 from . import samplers
-from .tokenizer import Tokenizer
+from .tokenizer import VOCAB_DIR, Tokenizer
 from .unet import ResBlock, SpatialTransformer, UNetModel
 from .vae import AutoencoderKL
 from .weights import (
@@ -134,6 +136,11 @@ def min_snr_weights(timesteps: torch.Tensor, gamma: float, alphas_cumprod: torch
     return s.clamp(max=gamma) / s
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32; float32 and float64 stay (losses are never summed in half precision)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def eps_loss(
     prediction: torch.Tensor,
     noise: torch.Tensor,
@@ -141,11 +148,11 @@ def eps_loss(
     snr_gamma: float | None = None,
     alphas_cumprod: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE in float32 (scalar): the mean over all elements, or with `snr_gamma`
-    the batch mean of each sample's mean squared error times its min-SNR weight."""
+    """Epsilon-prediction MSE (scalar, float32 or wider): the mean over all elements, or with
+    `snr_gamma` the batch mean of each sample's mean squared error times its min-SNR weight."""
     if snr_gamma is None:
-        return F.mse_loss(prediction.float(), noise.float())
-    per_sample = (prediction.float() - noise.float()).pow(2).flatten(1).mean(1)
+        return F.mse_loss(_wide(prediction), _wide(noise))
+    per_sample = (_wide(prediction) - _wide(noise)).pow(2).flatten(1).mean(1)
     return (per_sample * min_snr_weights(timesteps.to(noise.device), snr_gamma, alphas_cumprod)).mean()
 
 
@@ -171,16 +178,19 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
 ) -> torch.Tensor:
-    """The SD v1.x training loss of one batch (scalar float32, differentiable).
+    """The SD v1.x training loss of one batch (scalar, differentiable).
 
     latents: (B, 4, h, w) scaled latents (`encode_latents`); context: (B, 77, context_dim) text
     encoder states. Noise and timesteps come from `generator` (`draw_noise_and_timesteps`); the
     U-Net predicts the noise of x_t (`add_noise`) and the loss is `eps_loss`: MSE, min-SNR-gamma
-    weighted when `snr_gamma` is given (5 is the paper's choice).
+    weighted when `snr_gamma` is given (5 is the paper's choice). Noising and the loss run in
+    float32, or float64 for float64 latents; the U-Net casts x_t to its own dtype.
     """
     noise, timesteps = draw_noise_and_timesteps(latents, generator, noise_offset)
+    latents = _wide(latents)
+    noise = noise.to(latents.dtype)
     abar = samplers.alphas_cumprod()
-    noisy = add_noise(latents.float(), noise, timesteps, abar)
+    noisy = add_noise(latents, noise, timesteps, abar)
     return eps_loss(unet(noisy, timesteps, context), noise, timesteps, snr_gamma, abar)
 
 
@@ -365,3 +375,117 @@ def export_checkpoint(
         digest = _sha256_files((local,))
         fs.put_file(str(local), path)
     return digest
+
+
+# SD v1.5's scheduler/scheduler_config.json (the scheduler diffusers' pipelines start with)
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": samplers.BETA_END,
+    "beta_schedule": "scaled_linear",
+    "beta_start": samplers.BETA_START,
+    "clip_sample": False,
+    "num_train_timesteps": samplers.NUM_TRAIN_TIMESTEPS,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": samplers.STEPS_OFFSET,
+    "trained_betas": None,
+}
+
+
+def diffusers_configs(config: ModelConfig) -> dict[str, dict]:
+    """The diffusers/transformers config.json of each component of a model of this config,
+    {"unet": ..., "vae": ..., "text_encoder": ..., "scheduler": ...}, as SD v1.5's folder spells
+    them (the inverse of `unet_config_from_diffusers` and its siblings)."""
+    unet, vae, clip = config.unet, config.vae, config.text_encoder
+    levels = range(len(unet.channel_mult))
+    down = ["CrossAttnDownBlock2D" if i in unet.attention_levels else "DownBlock2D" for i in levels]
+    return {
+        "unet": {
+            "_class_name": "UNet2DConditionModel",
+            "act_fn": "silu",
+            "attention_head_dim": unet.num_heads,  # SD v1.x configs put the head count here
+            "block_out_channels": [unet.model_channels * m for m in unet.channel_mult],
+            "center_input_sample": False,
+            "cross_attention_dim": unet.context_dim,
+            "down_block_types": down,
+            "downsample_padding": 1,
+            "flip_sin_to_cos": True,
+            "freq_shift": 0,
+            "in_channels": unet.in_channels,
+            "layers_per_block": unet.num_res_blocks,
+            "mid_block_scale_factor": 1,
+            "norm_eps": 1e-5,
+            "norm_num_groups": 32,
+            "out_channels": unet.out_channels,
+            "sample_size": 64,
+            "transformer_layers_per_block": unet.transformer_depth,
+            "up_block_types": [t.replace("Down", "Up") for t in reversed(down)],
+        },
+        "vae": {
+            "_class_name": "AutoencoderKL",
+            "act_fn": "silu",
+            "block_out_channels": list(vae.block_out_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * len(vae.block_out_channels),
+            "in_channels": vae.in_channels,
+            "latent_channels": vae.latent_channels,
+            "layers_per_block": vae.layers_per_block,
+            "norm_num_groups": 32,
+            "out_channels": vae.out_channels,
+            "sample_size": 512,
+            "scaling_factor": config.latent_scale,
+            "up_block_types": ["UpDecoderBlock2D"] * len(vae.block_out_channels),
+        },
+        "text_encoder": {
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "hidden_act": "quick_gelu",
+            "hidden_size": clip.width,
+            "intermediate_size": clip.mlp_width,
+            "layer_norm_eps": clip.eps,
+            "max_position_embeddings": clip.max_positions,
+            "num_attention_heads": clip.heads,
+            "num_hidden_layers": clip.layers,
+            "vocab_size": clip.vocab_size,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 49407,
+            "torch_dtype": "float32",
+        },
+        "scheduler": SD15_SCHEDULER_CONFIG,
+    }
+
+
+def write_diffusers_config(config: ModelConfig, folder: str | os.PathLike) -> Path:
+    """Write the config files of a diffusers StableDiffusionPipeline folder for this config (no
+    weights): model_index.json, each component's config, the CLIP tokenizer. Pass the folder as
+    `config=` to diffusers' `StableDiffusionPipeline.from_single_file(checkpoint, config=folder)`
+    to load an exported checkpoint of a size the Hugging Face Hub has no config for, offline.
+    Returns the folder."""
+    folder = Path(folder)
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", SD15_SCHEDULER_CONFIG["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    files = {"model_index.json": index}
+    for name, cfg in diffusers_configs(config).items():
+        files[f"{name}/{'scheduler_config' if name == 'scheduler' else 'config'}.json"] = cfg
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    files["tokenizer/special_tokens_map.json"] = special
+    files["tokenizer/tokenizer_config.json"] = dict(special, do_lower_case=True, model_max_length=77,
+                                                    tokenizer_class="CLIPTokenizer")
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(VOCAB_DIR / name, folder / "tokenizer" / name)
+    return folder
