@@ -123,3 +123,18 @@ def check(image: np.ndarray, prompt: str) -> dict:
     read = read_attributes(image)
     correct = {k: read[k] == v for k, v in asked.items() if v is not None}
     return {"prompt": asked, "read": read, "correct": correct, "all_correct": all(correct.values())}
+
+
+def summarize(results: list[dict]) -> dict:
+    """Shares of `check` results that are right: {"n", "all_correct", "per_attribute": {attribute:
+    {"n": prompts naming it, "correct": share right among them}}}. Shares are in [0, 1] (None
+    when n is 0)."""
+    def share(k: int, n: int) -> float | None:
+        return k / n if n else None
+
+    per = {}
+    for a in ATTRIBUTES:
+        named = [r["correct"][a] for r in results if a in r["correct"]]
+        per[a] = {"n": len(named), "correct": share(sum(named), len(named))}
+    return {"n": len(results), "all_correct": share(sum(r["all_correct"] for r in results), len(results)),
+            "per_attribute": per}
