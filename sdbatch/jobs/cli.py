@@ -3,6 +3,8 @@
     python -m sdbatch.jobs run PROMPTS --model SRC --output OUT [options]
     python -m sdbatch.jobs status OUT
     python -m sdbatch.jobs metrics OUT --reference REF
+    python -m sdbatch.jobs report OUT
+    python -m sdbatch.jobs train DATA --output OUT (--init SRC | --config NAME) [options]
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 from sdbatch.errors import JobError
 from sdbatch.jobs.generate import run_command, status_command
 from sdbatch.jobs.plan import DEFAULTS
+from sdbatch.jobs.report import add_report_arguments
+from sdbatch.jobs.train import add_train_arguments
 
 
 def _workers(value: str) -> str:
@@ -56,6 +60,13 @@ def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="count done, errored and remaining rows of OUT")
     status.add_argument("output")
     status.set_defaults(handler=status_command)
+
+    train = sub.add_parser("train", help="fine-tune or train a model on image-caption tables (Ray Train)")
+    add_train_arguments(train)
+
+    report = sub.add_parser("report", help="OUT/report.html: one self-contained page of a run's images, "
+                            "settings, times and latent space (or a training run's loss and samples)")
+    add_report_arguments(report)  # plotly, jinja2 and scikit-learn (the report extra) load when it runs
 
     metrics = sub.add_parser("metrics", help="FID / IS / KID of generated images")
     metrics.set_defaults(handler=None)
