@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--seed", type=int, default=0)
     smoke.add_argument("--full-size", action="store_true", help="SD1.5's size (about 4 GB in float32)")
     smoke.set_defaults(handler=cmd_make_smoke_model)
+
+    from sdbatch.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
