@@ -24,6 +24,7 @@ class CLIPConfig:
     heads: int = 12
     mlp_width: int = 3072
     eps: float = 1e-5
+    causal: bool = True  # the text encoder's attention is causal; the vision tower's (safety checker) is not
 
 
 class Embeddings(nn.Module):
@@ -40,13 +41,14 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.heads = cfg.heads
+        self.causal = cfg.causal
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
         self.out_proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=self.causal)
         return self.out_proj(out)
 
 
