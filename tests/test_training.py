@@ -29,6 +29,7 @@ from sdbatch.model.training import (
     drop_captions,
     encode_latents,
     export_checkpoint,
+    gradient_checkpointing_,
     kl_divergence,
     load_for_training,
     min_snr_weights,
@@ -165,6 +166,23 @@ def test_tiny_unet_overfits_one_batch():
     assert np.isfinite(losses).all()
     start, end = np.mean(losses[:10]), np.mean(losses[-10:])
     assert end <= 0.5 * start, f"loss {start:.3f} -> {end:.3f} after {len(losses)} steps"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(unets):
+    _, ours = unets
+    checkpointed = gradient_checkpointing_(copy.deepcopy(ours))
+    latents, context = batch()
+    grads = []
+    for unet in (ours, checkpointed):
+        unet.zero_grad()
+        diffusion_loss(unet, latents, context, torch.Generator().manual_seed(2), snr_gamma=5.0).backward()
+        grads.append({n: p.grad.clone() for n, p in unet.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # inference is unchanged
+        torch.testing.assert_close(checkpointed(latents, torch.tensor([10, 900]), context),
+                                   ours(latents, torch.tensor([10, 900]), context))
 
 
 # ----------------------------------------------------------------------------- VAE, conditioning

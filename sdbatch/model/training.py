@@ -7,6 +7,7 @@ on the CPU and moved to the data's device, so a step's draws depend on the gener
 never on the device or the thread count.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import samplers
 from .tokenizer import VOCAB_DIR, Tokenizer
@@ -92,6 +94,22 @@ def load_for_training(source: str | os.PathLike, storage_options: dict | None = 
     """
     model = load_model(source, "cpu", torch.float32, storage_options, ema=ema, packed=False)
     return model.train().requires_grad_(True)
+
+
+def _checkpointed(forward, *args):
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False)
+    return forward(*args)
+
+
+def gradient_checkpointing_(unet: UNetModel) -> UNetModel:
+    """Recompute each U-Net block's activations in the backward pass instead of keeping them
+    (torch.utils.checkpoint, non-reentrant): the same gradients for less memory and about a
+    third more compute, as diffusers' enable_gradient_checkpointing. In place; returns `unet`.
+    Only while gradients are on: inference runs the blocks as before."""
+    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+        block.forward = functools.partial(_checkpointed, block.forward)
+    return unet
 
 
 # ----------------------------------------------------------------------------- noise and losses
