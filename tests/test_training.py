@@ -1,4 +1,4 @@
-"""The pure-torch training pieces (sdbatch.model.training) against diffusers' training recipe
+"""The pure-torch training pieces (sdbatch.model.training, .export) against diffusers' training recipe
 (DDPMScheduler.add_noise, compute_snr, train_text_to_image.py's loss) on the same weights and
 draws, and the exported checkpoint in sdbatch and in diffusers' from_single_file."""
 
@@ -19,16 +19,15 @@ from test_samplers import SD15_SCHEDULER_CONFIG, diffusers_scheduler
 import sdbatch
 from sdbatch.model import samplers
 from sdbatch.model.clip import clip_config_from_diffusers
+from sdbatch.model.export import diffusers_configs, export_checkpoint, write_diffusers_config
 from sdbatch.model.layers import _Packed
 from sdbatch.model.training import (
     CONFIGS,
     EMA,
     add_noise,
-    diffusers_configs,
     diffusion_loss,
     drop_captions,
     encode_latents,
-    export_checkpoint,
     gradient_checkpointing_,
     kl_divergence,
     load_for_training,
@@ -36,7 +35,6 @@ from sdbatch.model.training import (
     new_model,
     tokenize_captions,
     vae_loss,
-    write_diffusers_config,
 )
 from sdbatch.model.unet import unet_config_from_diffusers
 from sdbatch.model.vae import vae_config_from_diffusers
