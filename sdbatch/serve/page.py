@@ -79,11 +79,16 @@ def build_page(ingress):
 
     async def generate(prompt, negative, seed, steps, cfg_scale, sampler, scheduler, width, height, batch_size,
                        init_image, strength, progress=gr.Progress()):
-        fields = dict(prompt=prompt, negative_prompt=negative, seed=int(seed), steps=int(steps),
-                      cfg_scale=float(cfg_scale), sampler_name=sampler, scheduler=scheduler, width=int(width),
-                      height=int(height), batch_size=int(batch_size))
-        req = (Txt2ImgRequest(**fields) if init_image is None else
-               Img2ImgRequest(**fields, init_images=[_png_to_b64(init_image)], denoising_strength=float(strength)))
+        import pydantic
+
+        # The form's values go through the API's request models and checks, as a client's would.
+        fields = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, cfg_scale=cfg_scale,
+                      sampler_name=sampler, scheduler=scheduler, width=width, height=height, batch_size=batch_size)
+        try:
+            req = (Txt2ImgRequest(**fields) if init_image is None else
+                   Img2ImgRequest(**fields, init_images=[_png_to_b64(init_image)], denoising_strength=strength))
+        except pydantic.ValidationError as exc:
+            raise gr.Error(str(exc)) from None
         task = asyncio.ensure_future(ingress.run(req))
         progress(0, desc="queued")
         while not task.done():
@@ -147,7 +152,8 @@ def build_page(ingress):
                                              elem_id="strength")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column():
-                    gallery = gr.Gallery(label="Images", format="png", columns=2, elem_id="gallery")
+                    gallery = gr.Gallery(label="Images", format="png", columns=2, height=420, object_fit="contain",
+                                         elem_id="gallery")
                     parameters = gr.Textbox(label="Parameters", lines=4, elem_id="parameters")
                     files = gr.File(label="Download (PNG with parameters)", file_count="multiple", elem_id="files")
             run.click(generate, [prompt, negative, seed, steps, cfg_scale, sampler, scheduler, width, height,
@@ -160,7 +166,7 @@ def build_page(ingress):
                 text = gr.Textbox(label="contains", elem_id="filter")
                 open_job = gr.Button("Show", elem_id="show")
             summary = gr.Markdown(elem_id="summary")
-            thumbs = gr.Gallery(label="Images", columns=6, elem_id="thumbs")
+            thumbs = gr.Gallery(label="Images", columns=6, preview=False, object_fit="contain", elem_id="thumbs")
             errors = gr.Dataframe(label="Errors", elem_id="errors")
             open_job.click(browse, [uri, column, text], [column, thumbs, summary, errors])
     page.sdbatch_outputs = outputs_dir
