@@ -1,8 +1,8 @@
 """Training-step throughput: sdbatch's step against a plain diffusers step, in one run.
 
 Both train the same U-Net weights (diffusers' UNet2DConditionModel, and sdbatch's UNetModel
-loaded from a copy of its state dict) on the same batch of latents and text states, in the same
-dtype and thread count, alternating step by step:
+holding the very same parameters) with one AdamW, on the same batch of latents and text states,
+in the same dtype and thread count, alternating step by step:
 
     sdbatch    training.diffusion_loss (noise and timesteps from a CPU generator, add_noise on
                samplers' schedule, eps MSE), backward, torch.optim.AdamW
@@ -14,8 +14,10 @@ does). Scales: tiny (the tests' U-Net, 64x64 images -> 8x8 latents, batch 2) and
 860M-parameter U-Net, 256x256 images -> 32x32 latents, batch 1). Throughput is the median step
 time over --runs alternated steps; the ratio is sdbatch / diffusers samples/s (>1: sdbatch is
 faster). Peak memory of each side is measured in a child process that builds only that side
-(max RSS on CPU, torch.cuda.max_memory_allocated on CUDA). Full size needs about 15 GiB of RAM
-(two U-Nets with gradients and AdamW state). On a shared machine take the benchmark lock:
+(max RSS on CPU, torch.cuda.max_memory_allocated on CUDA). Full size needs about 16 GiB of RAM
+(weights, gradients and AdamW state of an 860M-parameter U-Net in float32, plus activations),
+in the main process and in each child; --no-memory skips the children and prints the main
+process's peak instead. On a shared machine take the benchmark lock:
 
     flock /tmp/sdbatch-bench.lock .venv/bin/python benchmarks/bench_train.py --scale tiny full --dtype fp32 bf16
 """
@@ -50,62 +52,57 @@ SIDES = ("sdbatch", "diffusers")
 
 
 def build(scale: str, device: torch.device, sides: tuple[str, ...] = SIDES) -> dict[str, torch.nn.Module]:
-    """The U-Nets of `sides`, float32 in train mode. With both, sdbatch's holds a copy of
-    diffusers' random weights; alone (for its memory), it is built from its config."""
+    """The U-Nets of `sides`, float32 in train mode. With both, they share one set of parameters
+    (the same nn.Parameter objects: sdbatch's U-Net is assigned diffusers' random weights, so one
+    AdamW trains both and full size fits in half the memory); alone (for its memory), sdbatch's
+    is built from its config."""
     if sides == ("sdbatch",):
         return {"sdbatch": UNetModel(CONFIGS[SCALES[scale]["config"]].unet).to(device).train()}
-    ref = diffusers_components(scale, names=("unet",))["unet"]
-    models = {}
-    if "sdbatch" in sides:
+    ref = diffusers_components(scale, names=("unet",))["unet"].to(device).train()
+    if sides == ("diffusers",):
+        return {"diffusers": ref}
+    with torch.device("meta"):
         ours = UNetModel(unet_config_from_diffusers(dict(ref.config)))
-        ours.load_state_dict(unet_state_dict_from_diffusers(ref.state_dict()))  # copies the tensors
-        models["sdbatch"] = ours.to(device).train()
-    models["diffusers"] = ref.to(device).train()
-    return models
+    ours.load_state_dict(unet_state_dict_from_diffusers(ref.state_dict(keep_vars=True)), assign=True)
+    return {"sdbatch": ours.train(), "diffusers": ref}
 
 
 def make_steps(models: dict[str, torch.nn.Module], scale: str, dtype: torch.dtype, device: torch.device, batch: int):
-    """{side: one training step (a callable)} on one fixed batch."""
+    """{side: one training step (a callable)} on one fixed batch, with one AdamW over the
+    (shared) parameters."""
     g = torch.Generator().manual_seed(0)
     latent = SCALES[scale]["size"] // 8
     latents = torch.randn(batch, 4, latent, latent, generator=g).to(device)
     context = torch.randn(batch, 77, SCALES[scale]["context"], generator=g).to(device)
     scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    params = {id(p): p for model in models.values() for p in model.parameters()}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-5)
 
     def autocast():
         if dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
 
-    steps = {}
-    if "sdbatch" in models:
-        unet, optimizer, generator = models["sdbatch"], torch.optim.AdamW(models["sdbatch"].parameters(), lr=1e-5), g
+    def ours() -> None:
+        with autocast():
+            loss = diffusion_loss(models["sdbatch"], latents, context, g)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-        def ours() -> None:
-            with autocast():
-                loss = diffusion_loss(unet, latents, context, generator)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def theirs() -> None:
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with autocast():
+            pred = models["diffusers"](noisy, timesteps, context, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-        steps["sdbatch"] = ours
-    if "diffusers" in models:
-        ref, ref_optimizer = models["diffusers"], torch.optim.AdamW(models["diffusers"].parameters(), lr=1e-5)
-
-        def theirs() -> None:
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device).long()
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            with autocast():
-                pred = ref(noisy, timesteps, context, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-            loss.backward()
-            ref_optimizer.step()
-            ref_optimizer.zero_grad(set_to_none=True)
-
-        steps["diffusers"] = theirs
-    return steps
+    return {side: step for side, step in (("sdbatch", ours), ("diffusers", theirs)) if side in models}
 
 
 def timed(step, device: torch.device) -> float:
@@ -116,6 +113,11 @@ def timed(step, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def peak_gib(device: torch.device) -> float:
+    """This process's peak: max RSS on CPU, the allocator's peak on CUDA (GiB)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
 
 
 def peak_memory(side: str, args, scale: str, dtype_name: str) -> float:
@@ -133,8 +135,7 @@ def run_only(args) -> None:
     step = make_steps(models, scale, dtype, device, SCALES[scale]["batch"])[args.only]
     for _ in range(3):
         step()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
-    print(json.dumps({"peak_gib": peak}))
+    print(json.dumps({"peak_gib": peak_gib(device)}))
 
 
 def main() -> None:
@@ -169,7 +170,9 @@ def main() -> None:
             line = (f"{scale} {dtype_name} {size}x{size} batch {batch}: diffusers {rate['diffusers']:.2f} samples/s, "
                     f"sdbatch {rate['sdbatch']:.2f} samples/s, ratio {rate['sdbatch'] / rate['diffusers']:.2f}")
             del models, steps
-            if not args.no_memory:
+            if args.no_memory:
+                line += f"; peak memory of both (shared weights) {peak_gib(device):.2f} GiB"
+            else:
                 peaks = {side: peak_memory(side, args, scale, dtype_name) for side in SIDES}
                 line += f"; peak memory diffusers {peaks['diffusers']:.2f} GiB, sdbatch {peaks['sdbatch']:.2f} GiB"
             print(line + "; step seconds " + json.dumps({k: [round(x, 3) for x in v] for k, v in times.items()}), flush=True)
