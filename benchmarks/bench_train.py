@@ -13,11 +13,12 @@ bf16 runs both under torch.autocast (float32 master weights, as accelerate's mix
 does). Scales: tiny (the tests' U-Net, 64x64 images -> 8x8 latents, batch 2) and full (SD1.5's
 860M-parameter U-Net, 256x256 images -> 32x32 latents, batch 1). Throughput is the median step
 time over --runs alternated steps; the ratio is sdbatch / diffusers samples/s (>1: sdbatch is
-faster). Peak memory of each side is measured in a child process that builds only that side
-(max RSS on CPU, torch.cuda.max_memory_allocated on CUDA). Full size needs about 16 GiB of RAM
-(weights, gradients and AdamW state of an 860M-parameter U-Net in float32, plus activations),
-in the main process and in each child; --no-memory skips the children and prints the main
-process's peak instead. On a shared machine take the benchmark lock:
+faster); on a busy machine time CPU seconds of one thread (--threads 1 --cpu-time). Peak
+memory of each side is measured in a child process that builds only that side (max RSS on CPU,
+torch.cuda.max_memory_allocated on CUDA). Full size needs about 16 GiB of RAM (weights,
+gradients and AdamW state of an 860M-parameter U-Net in float32, plus activations) in the main
+process and in each child; --no-memory skips the children and prints the main process's peak
+instead. On a shared machine take the benchmark lock:
 
     flock /tmp/sdbatch-bench.lock .venv/bin/python benchmarks/bench_train.py --scale tiny full --dtype fp32 bf16
 """
@@ -105,14 +106,14 @@ def make_steps(models: dict[str, torch.nn.Module], scale: str, dtype: torch.dtyp
     return {side: step for side, step in (("sdbatch", ours), ("diffusers", theirs)) if side in models}
 
 
-def timed(step, device: torch.device) -> float:
+def timed(step, device: torch.device, clock=time.perf_counter) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def peak_gib(device: torch.device) -> float:
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="timed steps per side (after 2 warm-up steps each)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cpu-time", action="store_true", help="time process CPU seconds (busy machines, 1 thread)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-side peak memory children")
     parser.add_argument("--only", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,7 +155,9 @@ def main() -> None:
         run_only(args)
         return
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, {args.threads} threads, {args.runs} alternated steps per side")
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    print(f"torch {torch.__version__}, device {device}, {args.threads} threads, {args.runs} alternated steps per side, "
+          f"{'CPU' if args.cpu_time else 'wall'} time")
     for scale in args.scale:
         for dtype_name in args.dtype:
             batch, size = SCALES[scale]["batch"], SCALES[scale]["size"]
@@ -165,7 +169,7 @@ def main() -> None:
             times: dict[str, list[float]] = {side: [] for side in steps}
             for _ in range(args.runs):
                 for side, step in steps.items():
-                    times[side].append(timed(step, device))
+                    times[side].append(timed(step, device, clock))
             rate = {side: batch / statistics.median(t) for side, t in times.items()}
             line = (f"{scale} {dtype_name} {size}x{size} batch {batch}: diffusers {rate['diffusers']:.2f} samples/s, "
                     f"sdbatch {rate['sdbatch']:.2f} samples/s, ratio {rate['sdbatch'] / rate['diffusers']:.2f}")
