@@ -61,15 +61,12 @@ def png_data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def relative(out: Output, uri: str | None, folder: str) -> str | None:
-    """`uri`'s path relative to OUT; a file recorded elsewhere (OUT was moved) is looked for
-    under OUT/folder by its name."""
-    if uri is None:
-        return None
-    path = storage.url_to_fs(uri)[1]
-    if path.startswith(out.root + "/"):
-        return path[len(out.root) + 1:]
-    return posixpath.join(folder, posixpath.basename(path))
+def relative(out: Output, uris, folder: str):
+    """The URIs (a pandas Series, as the manifest records them) as paths relative to OUT; a file
+    recorded elsewhere (OUT was moved or copied) is looked for under OUT/folder by its name."""
+    prefix = storage.to_uri(out.fs, out.root) + "/"
+    inside = uris.str.startswith(prefix)
+    return uris.str.slice(len(prefix)).where(inside, folder + "/" + uris.str.rsplit("/", n=1).str[-1])
 
 
 def fetch(out: Output, names: list[str]) -> dict[str, bytes]:
@@ -92,6 +89,17 @@ def open_image(data: bytes):
     im = Image.open(io.BytesIO(data))
     im.load()
     return im
+
+
+def thumbnail(data: bytes | None) -> str | None:
+    """A data URI thumbnail of an image file; None for a missing or unreadable one (the page
+    shows it as missing and goes on)."""
+    if data is None:
+        return None
+    try:
+        return data_uri(open_image(data))
+    except Exception:  # a truncated or foreign file
+        return None
 
 
 # ----------------------------------------------------------------------------- a generation run
@@ -126,7 +134,7 @@ def swept_columns(manifest, carried: list[str]) -> list[str]:
     swept = []
     for c in [*SWEEP_COLUMNS, *carried]:
         if c in manifest.columns and 1 < manifest[c].astype(str).nunique() <= SWEEP_MAX_VALUES:
-            if manifest.groupby("prompt")[c].agg(lambda s: s.astype(str).nunique()).max() > 1:
+            if manifest[["prompt", c]].astype(str).drop_duplicates().groupby("prompt").size().max() > 1:
                 swept.append(c)
     return swept
 
@@ -222,11 +230,11 @@ def latent_figure(rows, pca: np.ndarray, pick: np.ndarray, tsne: np.ndarray, col
         buttons.append(dict(label=col, method="restyle", args=[{"visible": visible}]))
     for trace, v in zip(fig.data, buttons[0]["args"][0]["visible"] if buttons else []):
         trace.visible = v
-    fig.update_layout(height=560, margin=dict(t=60, l=30, r=30, b=30), legend=dict(itemsizing="constant"),
-                      updatemenus=[dict(buttons=buttons, x=0, xanchor="left", y=1.16, yanchor="top",
+    fig.update_layout(height=580, margin=dict(t=90, l=30, r=30, b=30), legend=dict(itemsizing="constant"),
+                      updatemenus=[dict(buttons=buttons, x=0.08, xanchor="left", y=1.2, yanchor="top",
                                         showactive=True)],
                       annotations=[*fig.layout.annotations,
-                                   dict(text="colour by", x=0, xref="paper", y=1.2, yref="paper",
+                                   dict(text="colour by", x=0, xref="paper", y=1.17, yref="paper",
                                         showarrow=False, xanchor="left")])
     return fig
 
@@ -240,12 +248,16 @@ def figure_html(fig, hover_thumbnails: bool = False) -> str:
                        config={"displaylogo": False, "responsive": True})
 
 
-def time_histogram(manifest):
-    import plotly.express as px
+def time_histogram(seconds: np.ndarray):
+    """Binned here (numpy), so the page holds 60 bars, not a million values."""
+    import plotly.graph_objects as go
 
-    fig = px.histogram(manifest, x="seconds", nbins=min(60, max(10, len(manifest) // 5)),
-                       labels={"seconds": "seconds per image (its batch's time / batch size)"})
-    fig.update_layout(height=320, margin=dict(t=20, l=40, r=20, b=40), bargap=0.05, yaxis_title="images")
+    counts, edges = np.histogram(seconds, bins=min(60, max(10, len(seconds) // 5)))
+    fig = go.Figure(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges),
+                           customdata=np.stack([edges[:-1], edges[1:]], axis=1),
+                           hovertemplate="%{customdata[0]:.3g}-%{customdata[1]:.3g} s: %{y} images<extra></extra>"))
+    fig.update_layout(height=320, margin=dict(t=20, l=40, r=20, b=40), bargap=0.05, yaxis_title="images",
+                      xaxis_title="seconds per image (its batch's time / batch size)")
     return fig
 
 
@@ -275,8 +287,8 @@ def run_context(out: Output, run: dict[str, Any], sample: int, tsne_sample: int,
     manifest = manifest.sort_values("id").reset_index(drop=True)
     if "latent" not in manifest.columns:
         manifest["latent"] = None
-    manifest["_image"] = [relative(out, u, "images") for u in manifest["image"]]
-    manifest["_latent"] = [relative(out, u, "latents") for u in manifest["latent"]]
+    manifest["_image"] = relative(out, manifest["image"], "images")
+    manifest["_latent"] = relative(out, manifest["latent"].astype(object), "latents")
     carried = [c for c in manifest.columns if c not in PLAN_COLUMNS and c not in FILE_COLUMNS
                and not c.startswith("_") and c not in ("seconds", "worker")]
     n = len(manifest)
@@ -299,7 +311,7 @@ def run_context(out: Output, run: dict[str, Any], sample: int, tsne_sample: int,
     thumbs, index = [], {}
     for image_id, name in zip(shown["id"], shown["_image"]):
         index[image_id] = len(thumbs)
-        thumbs.append(data_uri(open_image(files[name])) if name in files else None)
+        thumbs.append(thumbnail(files.get(name)))
     manifest["_thumb"] = manifest["id"].map(index).fillna(-1).astype(int)
     sheet = manifest.loc[sheet.index]
     ctx.update(thumbs=thumbs, missing=int(sum(t is None for t in thumbs)))
@@ -317,23 +329,24 @@ def run_context(out: Output, run: dict[str, Any], sample: int, tsne_sample: int,
     ctx["swept"] = swept
     ctx["grids"] = sweep_grids(manifest, swept[:2], prompts[:8], card) if swept else []
 
-    ctx["histogram"] = figure_html(time_histogram(manifest))
+    ctx["histogram"] = figure_html(time_histogram(manifest["seconds"].to_numpy()))
     metrics_path = out.path("metrics.json")
     if storage.exists(out.fs, metrics_path):
         ctx["metrics"] = json.loads(storage.read_bytes(out.fs, metrics_path))
 
     latent = manifest.loc[latent.index]
-    got = fetch(out, [p for p in latent["_latent"] if p])
+    got = fetch(out, latent["_latent"].dropna().tolist())
     kept = latent["_latent"].isin(list(got))
     if kept.all():
         ctx["latent_source"] = "latents"
         feats = latent_features([np.load(io.BytesIO(got[p]), allow_pickle=False) for p in latent["_latent"]])
     else:  # a run made before latents were kept, or some deleted: the images' pixels
         ctx["latent_source"] = "pixels"
-        ctx["latents_missing"] = int((~kept).sum())
-        latent = latent[latent["_image"].isin(list(files))]
+        ctx["latents_missing"], ctx["latent_sampled"] = int((~kept).sum()), len(latent)
+        latent = latent[[thumbs[i] is not None for i in latent["_thumb"]]]
         feats = np.stack([np.asarray(open_image(files[p]).convert("RGB").resize((FEATURE_GRID, FEATURE_GRID)),
-                                     np.float32).transpose(2, 0, 1).ravel() for p in latent["_image"]])
+                                     np.float32).transpose(2, 0, 1).ravel() for p in latent["_image"]]
+                         or [np.zeros(3 * FEATURE_GRID**2, np.float32)])[:len(latent)]
     ctx["latent_n"], ctx["latent_of"] = len(latent), n
     if len(latent) >= 2:
         pca, pick, tsne = embed(feats, tsne_sample, seed)
@@ -380,13 +393,15 @@ def train_context(out: Output, record: dict[str, Any], data_sample: int) -> dict
     if storage.exists(out.fs, log_path):
         log = storage.read_parquet(out.fs, log_path).to_pandas()
         smooth = log["loss"].ewm(alpha=0.1).mean()
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "learning rate and grad norm"),
-                            specs=[[{}, {"secondary_y": True}]])
+        fig = make_subplots(rows=1, cols=3, column_widths=[0.5, 0.25, 0.25],
+                            subplot_titles=("loss (log scale)", "learning rate", "gradient norm"))
         fig.add_trace(go.Scatter(x=log["step"], y=log["loss"], name="loss", mode="lines", opacity=0.4), 1, 1)
-        fig.add_trace(go.Scatter(x=log["step"], y=smooth, name="loss (EMA 0.1)", mode="lines"), 1, 1)
-        fig.add_trace(go.Scatter(x=log["step"], y=log["learning_rate"], name="learning rate", mode="lines"), 1, 2)
-        fig.add_trace(go.Scatter(x=log["step"], y=log["grad_norm"], name="grad norm", mode="lines"), 1, 2,
-                      secondary_y=True)
+        fig.add_trace(go.Scatter(x=log["step"], y=smooth, name="loss, smoothed (EMA 0.1)", mode="lines"), 1, 1)
+        fig.add_trace(go.Scatter(x=log["step"], y=log["learning_rate"], name="learning rate", mode="lines",
+                                 showlegend=False), 1, 2)
+        fig.add_trace(go.Scatter(x=log["step"], y=log["grad_norm"], name="gradient norm", mode="lines",
+                                 showlegend=False), 1, 3)
+        fig.update_yaxes(exponentformat="e", rangemode="tozero", row=1, col=2)
         fig.update_yaxes(type="log", row=1, col=1)
         fig.update_xaxes(title_text="step")
         fig.update_layout(height=380, margin=dict(t=40, l=40, r=40, b=40))
@@ -399,8 +414,10 @@ def train_context(out: Output, record: dict[str, Any], data_sample: int) -> dict
     for path in samples:
         name = posixpath.basename(path)
         step = int(name.removeprefix("step-").removesuffix(".png")) if name.startswith("step-") else name
-        ctx["validation"].append(dict(step=step, src=png_data_uri(storage.read_bytes(out.fs, path)),
-                                      href=f"samples/{name}"))
+        data = storage.read_bytes(out.fs, path)
+        width = open_image(data).width  # small grids shown at a whole multiple of their size
+        ctx["validation"].append(dict(step=step, src=png_data_uri(data), href=f"samples/{name}",
+                                      width=min(640, width * max(1, -(-256 // width)))))
     ctx["prompts"] = record.get("settings", {}).get("validation_prompts") or []
     errors = read_parts(out, "errors")
     ctx["n_errors"] = 0 if errors is None else len(errors)
