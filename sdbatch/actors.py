@@ -13,13 +13,15 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from typing import Any
 
 import numpy as np
 
 from sdbatch import storage
-from sdbatch.a1111 import a1111_parameters, encode_png
+from sdbatch.a1111 import a1111_parameters
+from sdbatch.safeguards import SafeguardSettings, Safeguards
 
 # ----------------------------------------------------------------------------- image generation
 
@@ -54,14 +56,19 @@ class GenerationActor:
     skip), all of one shape. The batch is generated whole; rows marked `skip` (already
     recorded) are neither written nor returned. Beside each image `output`/latents/<name>.npy
     keeps its final latent, float16 (4, height/8, width/8), for the run report's latent space.
-    Output rows: id, image (URI), latent (URI), sha256,
-    model_hash, seconds, worker, error (null unless the row failed); with `inception_weights`
+    `safeguards` (SafeguardSettings; default: the watermark only) screens each image with the
+    safety checker (a flagged image is not written, nor its latent: its row comes back with
+    nsfw true and no image) and marks the others (watermark, XMP, C2PA). Ray may run two
+    calls at once (generate_on_ray asks it to): while one holds the model, the other marks
+    and writes its images. Output rows: id, image (URI), latent (URI), sha256, model_hash,
+    seconds, worker, nsfw, watermark, c2pa, error (null unless the row failed); with `inception_weights`
     ([object ref of a state dict], `run --metrics`) also each image's Inception features and
     logits, computed while it is in memory (see `sdbatch.jobs.metrics.RunFeatures`).
     """
 
     def __init__(self, model: str, output: str, dtype: str = "auto", device: str = "auto",
-                 threads: int | None = None, inception_weights: list | None = None):
+                 threads: int | None = None, inception_weights: list | None = None,
+                 safeguards: SafeguardSettings | None = None):
         import torch
 
         import sdbatch
@@ -73,6 +80,8 @@ class GenerationActor:
         self.fs, self.images = storage.url_to_fs(storage.join(output, "images"))
         self.latents = storage.url_to_fs(storage.join(output, "latents"))[1]
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.safeguards = Safeguards(safeguards or SafeguardSettings(), device=str(self.model.device))
+        self.busy = threading.Lock()  # the model (and the networks beside it): one call at a time
         self.inception = None
         if inception_weights:
             import ray
@@ -107,31 +116,39 @@ class GenerationActor:
         if not rows:
             return [r for r in results if r["id"] not in skipped]
         first = rows[0]
-        start = time.perf_counter()
         # A failure here (out of memory, a bug) is not the row's fault: it fails the task, so
         # the job stops with the error and a re-run retries these rows.
-        images, latents = sdbatch.generate(
-            self.model, [r["prompt"] for r in rows], [r["negative_prompt"] for r in rows],
-            seeds=[r["seed"] for r in rows], steps=first["steps"], cfg_scale=first["cfg_scale"],
-            sampler=first["sampler"], width=first["width"], height=first["height"],
-            init_images=init_images, strength=first["strength"], progress=False, return_latents=True)
-        seconds = (time.perf_counter() - start) / len(rows)
-        if self.inception is not None:
-            from sdbatch.inception import extract_arrays
+        with self.busy:
+            start = time.perf_counter()
+            images, latents = sdbatch.generate(
+                self.model, [r["prompt"] for r in rows], [r["negative_prompt"] for r in rows],
+                seeds=[r["seed"] for r in rows], steps=first["steps"], cfg_scale=first["cfg_scale"],
+                sampler=first["sampler"], width=first["width"], height=first["height"],
+                init_images=init_images, strength=first["strength"], progress=False, return_latents=True)
+            nsfw = self.safeguards.screen(images)  # before the watermark, as SD's scripts
+            seconds = (time.perf_counter() - start) / len(rows)
+            if self.inception is not None:
+                from sdbatch.inception import extract_arrays
 
-            features, logits = extract_arrays(self.inception, list(images))
+                features, logits = extract_arrays(self.inception, list(images))
         for k, (row, image) in enumerate(zip(rows, images)):
             if row["skip"]:
                 continue
-            png = encode_png(image, a1111_parameters(row, self.model.hash))
-            path = storage.join(self.images, safe_name(row["id"]) + ".png")
+            if nsfw[k]:
+                results.append(dict(self._error(row, None), seconds=seconds, nsfw=True))
+                continue
+            name = safe_name(row["id"]) + ".png"
+            marked = self.safeguards.mark(image, a1111_parameters(row, self.model.hash), title=name)
+            png = marked.png
+            path = storage.join(self.images, name)
             storage.write_bytes(self.fs, path, png)
             latent = storage.join(self.latents, safe_name(row["id"]) + ".npy")
             storage.write_bytes(self.fs, latent, npy_bytes(latents[k].astype(np.float16)))
             results.append(dict(id=row["id"], image=storage.to_uri(self.fs, path),
                                 latent=storage.to_uri(self.fs, latent),
                                 sha256=hashlib.sha256(png).hexdigest(), model_hash=self.model.hash,
-                                seconds=seconds, worker=self.worker, error=None))
+                                seconds=seconds, worker=self.worker, nsfw=False, watermark=marked.watermark,
+                                c2pa=marked.c2pa, error=None))
             if self.inception is not None:
                 results[-1].update(inception_features=features[k], inception_logits=logits[k])
         return [r for r in results if r["id"] not in skipped]
@@ -143,9 +160,9 @@ class GenerationActor:
         with Image.open(io.BytesIO(storage.read_bytes(fs, path))) as im:
             return im.convert("RGB")
 
-    def _error(self, row: dict[str, Any], message: str) -> dict[str, Any]:
+    def _error(self, row: dict[str, Any], message: str | None) -> dict[str, Any]:
         return dict(id=row["id"], image=None, latent=None, sha256=None, model_hash=self.model.hash, seconds=None,
-                    worker=self.worker, error=message)
+                    worker=self.worker, nsfw=False, watermark=False, c2pa=False, error=message)
 
 
 def result_schema(with_features: bool = False):
@@ -153,7 +170,8 @@ def result_schema(with_features: bool = False):
 
     schema = pa.schema([("id", pa.string()), ("image", pa.string()), ("latent", pa.string()), ("sha256", pa.string()),
                         ("model_hash", pa.string()), ("seconds", pa.float64()),
-                        ("worker", pa.string()), ("error", pa.string())])
+                        ("worker", pa.string()), ("nsfw", pa.bool_()), ("watermark", pa.bool_()),
+                        ("c2pa", pa.bool_()), ("error", pa.string())])
     if with_features:
         from sdbatch.metrics import FEATURE_DIM, NUM_CLASSES
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdbatch.blocklist import Blocklist, load_blocklist
-from sdbatch.provenance import C2paSigner, mark_image
+from sdbatch.provenance import C2paSigner, ProvenanceError, mark_image
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,29 @@ class SafeguardSettings:
     def __post_init__(self):
         if (self.c2pa_cert is None) != (self.c2pa_key is None):
             raise ValueError("--c2pa-cert and --c2pa-key go together: give both or neither")
+
+    def check(self) -> Blocklist | None:
+        """Reads and checks what the settings name, so that bad input fails before anything is
+        generated: the blocklist, the C2PA certificate and key (a test signature), the safety
+        checker's files (not its weights) and, with the watermark on, the invisible-watermark
+        package. Returns the blocklist (None without one).
+
+        Raises BlocklistError, CheckpointError or ProvenanceError (ValueErrors naming the file or
+        the missing package), or ModuleNotFoundError when c2pa-python is missing.
+        """
+        from sdbatch.model.safety import find_safety_checker
+
+        if self.watermark:
+            try:
+                import imwatermark  # noqa: F401
+            except ModuleNotFoundError:
+                raise ProvenanceError("the invisible watermark (on by default) needs the invisible-watermark "
+                                      "package: pip install 'sdbatch[safeguards]', or pass --no-watermark") from None
+        if self.safety_checker:
+            find_safety_checker(self.safety_checker)
+        if self.c2pa_cert:
+            C2paSigner.from_files(self.c2pa_cert, self.c2pa_key)
+        return load_blocklist(self.blocklist) if self.blocklist else None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SafeguardSettings:

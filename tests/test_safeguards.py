@@ -72,6 +72,30 @@ def diffusers_result(ref, pixels: torch.Tensor) -> tuple[list[bool], np.ndarray,
     return flags, scores, special
 
 
+def random_reference(seed: int = 0):
+    """diffusers' StableDiffusionSafetyChecker, small, with random weights (matrices large
+    enough that different images embed far apart)."""
+    torch.manual_seed(seed)
+    config = transformers.CLIPConfig(vision_config=VISION, projection_dim=32)
+    ref = diffusers_safety.StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("embeds"):
+                p.copy_(torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn_like(p) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+            else:
+                p.copy_(2 * torch.randn_like(p) / p[0].numel() ** 0.5)
+    return ref
+
+
+def save_checker(ref, folder):
+    """A diffusers model folder holding `ref` as its safety_checker/ and a feature_extractor/."""
+    ref.save_pretrained(folder / "safety_checker")
+    transformers.CLIPImageProcessorPil().save_pretrained(folder / "feature_extractor")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def images():
     return [natural_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
@@ -82,17 +106,8 @@ def reference(images):
     """diffusers' checker on random weights, thresholds placed between these images' similarities
     so that some images are flagged and some not, by a concept or only through the special-care
     adjustment."""
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(vision_config=VISION, projection_dim=32)
-    ref = diffusers_safety.StableDiffusionSafetyChecker(config).eval()
+    ref = random_reference()
     with torch.no_grad():
-        for name, p in ref.named_parameters():  # matrices large enough that images embed far apart
-            if name.endswith("embeds"):
-                p.copy_(torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn_like(p) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-            else:
-                p.copy_(2 * torch.randn_like(p) / p[0].numel() ** 0.5)
         pixels = transformers.CLIPImageProcessorPil()(images=images, return_tensors="pt").pixel_values
         embeds = torch.nn.functional.normalize(ref.visual_projection(ref.vision_model(pixels)[1]))
         cos = embeds @ torch.nn.functional.normalize(ref.concept_embeds).T
@@ -121,9 +136,7 @@ def checker_dirs(reference, tmp_path_factory):
     preprocessor config) and as a bare safety checker folder in the published layout
     (vision_model.vision_model.*, pytorch_model.bin, the old int preprocessor config beside it)."""
     root = tmp_path_factory.mktemp("safety")
-    model = root / "model"
-    reference.save_pretrained(model / "safety_checker")
-    transformers.CLIPImageProcessorPil().save_pretrained(model / "feature_extractor")
+    model = save_checker(reference, root / "model")
     old = root / "old" / "safety_checker"
     old.mkdir(parents=True)
     shutil.copy(model / "safety_checker" / "config.json", old / "config.json")

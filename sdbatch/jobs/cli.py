@@ -17,6 +17,7 @@ from sdbatch.jobs.generate import run_command, status_command
 from sdbatch.jobs.plan import DEFAULTS
 from sdbatch.jobs.report import add_report_arguments
 from sdbatch.jobs.train import add_train_arguments
+from sdbatch.safeguards import add_arguments as add_safeguard_arguments
 
 
 def _workers(value: str) -> str:
@@ -55,6 +56,7 @@ def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
     run.add_argument("--reference", metavar="REF", help="with --metrics: reference images or .npz statistics, "
                      "as for the metrics command")
     run.add_argument("--inception-weights", metavar="PATH", help="with --metrics: as for the metrics command")
+    add_safeguard_arguments(run)
     run.set_defaults(handler=run_command)
 
     status = sub.add_parser("status", help="count done, errored and remaining rows of OUT")

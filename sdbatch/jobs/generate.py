@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -39,8 +40,11 @@ def generate_on_ray(args, out: Output, work: list[list[dict[str, Any]]], recorde
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    compute = (ray.data.ActorPoolStrategy(size=pool.min_size) if pool.min_size == pool.max_size
-               else ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size))
+    # Two calls per actor at once: while one holds the model (GenerationActor.busy), the other
+    # watermarks, signs and writes the images it made, off the GPU's critical path.
+    size = (dict(size=pool.min_size) if pool.min_size == pool.max_size
+            else dict(min_size=pool.min_size, max_size=pool.max_size))
+    compute = ray.data.ActorPoolStrategy(**size, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3") if k in os.environ}
     # One item per batch, so Ray Data can never split or merge the planned batches; blocks
     # are built on the driver (from_items), one or a few batches each.
@@ -51,7 +55,8 @@ def generate_on_ray(args, out: Output, work: list[list[dict[str, Any]]], recorde
         num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus,
         fn_constructor_kwargs=dict(model=args.model, output=out.uri, dtype=args.dtype,
                                    device="auto" if pool.num_gpus else "cpu", threads=pool.threads,
-                                   inception_weights=features.actor_weights() if features else None),
+                                   inception_weights=features.actor_weights() if features else None,
+                                   safeguards=dataclasses.replace(args.safeguards, blocklist=None)),
         **({"runtime_env": {"env_vars": env}} if env else {}))
     with contextlib.closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))) as blocks:
         for block in blocks:  # closing: a failure here stops the actors at once
@@ -71,6 +76,31 @@ def record_block(args, out: Output, block, features, recorder: Recorder, progres
     progress.update(*recorder.add(results))
 
 
+def check_safeguards(args):
+    """The run's SafeguardSettings (also set as args.safeguards) and its blocklist (or None),
+    checked before anything is generated. Raises JobError naming the bad file or option."""
+    from sdbatch.safeguards import SafeguardSettings
+
+    try:
+        args.safeguards = SafeguardSettings.from_args(args)
+        return args.safeguards.check()
+    except ValueError as e:
+        raise JobError(str(e)) from None
+
+
+def block_prompts(plan, blocklist) -> None:
+    """Moves the plan's rows whose prompt or negative prompt matches a blocklist rule to its
+    errors (naming the rule): nothing is generated for them."""
+    kept = []
+    for r in plan.rows:
+        why = blocklist.check(r["prompt"], r["negative_prompt"])
+        if why is None:
+            kept.append(r)
+        else:
+            plan.errors.append(dict(id=r["id"], row=r["row"], error=f"Row {r['row']} (id {r['id']!r}): {why}."))
+    plan.rows = kept
+
+
 def generation_settings(args) -> dict[str, Any]:
     return dict(model=args.model, steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
                 width=args.width, height=args.height, seed=args.seed, dtype=args.dtype)
@@ -83,6 +113,7 @@ def run_command(args) -> int:
         raise JobError(f"--sampler {args.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
     out = Output(args.output)
     settings = generation_settings(args)
+    blocklist = check_safeguards(args)
     table = read_table(args.prompts)
     previous = out.read_run()
     if previous and previous["settings"] != settings and not args.overwrite:
@@ -95,6 +126,8 @@ def run_command(args) -> int:
         out.clear()
         previous = None
     plan = make_plan(table, settings)
+    if blocklist is not None:
+        block_prompts(plan, blocklist)
     done, failed = set(out.ids("manifest")), set(out.ids("errors"))
     recorded = done | failed
     # whole batches, as planned, for every batch with an image not yet recorded
@@ -109,6 +142,7 @@ def run_command(args) -> int:
     args.expected_hash = (previous or {}).get("model_hash")
     run = dict(settings=settings, model_hash=args.expected_hash, prompts=args.prompts, rows=plan.total,
                batch_size=args.batch_size, workers=args.workers, versions=versions(),
+               safeguards=dataclasses.asdict(args.safeguards),
                started=now(), finished=None)
     out.write_run(run)
     table_ids = {r["id"] for r in plan.rows} | {e["id"] for e in plan.errors}

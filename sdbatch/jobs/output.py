@@ -46,6 +46,15 @@ class Output:
             ids += storage.read_parquet(self.fs, path, columns=["id"]).column("id").to_pylist()
         return ids
 
+    def flagged(self) -> set[str]:
+        """Ids of the manifest's rows the safety checker flagged (nsfw true: no image kept)."""
+        ids: set[str] = set()
+        for path in storage.list_files(self.fs, self.path("manifest"), ".parquet"):
+            if "nsfw" in storage.read_parquet_schema(self.fs, path).names:  # runs before the safeguards had none
+                t = storage.read_parquet(self.fs, path, columns=["id", "nsfw"]).to_pydict()
+                ids.update(i for i, flag in zip(t["id"], t["nsfw"]) if flag)
+        return ids
+
     def write_part(self, folder: str, table) -> None:
         name = _part_name(table.column("id").to_pylist())
         storage.write_parquet(self.fs, self.path(folder, name), table)
@@ -83,7 +92,8 @@ class Recorder:
             self.model_hash = self.model_hash or res["model_hash"]
             plan = self.plan_rows[res["id"]]
             if res["error"] is None:
-                self.done.append(dict(plan, **{k: res[k] for k in ("image", "latent", "sha256", "model_hash", "seconds", "worker")}))
+                self.done.append(dict(plan, **{k: res[k] for k in ("image", "latent", "sha256", "model_hash", "seconds",
+                                                                    "worker", "nsfw", "watermark", "c2pa")}))
                 ok += 1
             else:
                 self.failed.append(dict(id=res["id"], error=res["error"], row=plan["row"]))
@@ -118,7 +128,9 @@ def manifest_schema():
     return pa.schema([("id", s), ("prompt", s), ("negative_prompt", s), ("seed", pa.int64()),
                       ("steps", i), ("cfg_scale", f), ("sampler", s), ("width", i), ("height", i),
                       ("init_image", s), ("strength", f), ("image", s), ("latent", s), ("sha256", s),
-                      ("model_hash", s), ("seconds", f), ("worker", s)])
+                      ("model_hash", s), ("seconds", f), ("worker", s),
+                      # safeguards: flagged by the safety checker (then no image), marks carried
+                      ("nsfw", pa.bool_()), ("watermark", pa.bool_()), ("c2pa", pa.bool_())])
 
 
 def errors_table(errors: list[dict[str, Any]], table):
@@ -147,6 +159,10 @@ def summary(out: Output, ids: set[str], total: int) -> int:
     remaining = max(0, total - done - failed)
     print(f"done: {done}, errored: {failed}, remaining: {remaining}", file=sys.stderr)
     print(f"images: {out.uri_of('images')}  manifest: {out.uri_of('manifest')}", file=sys.stderr)
+    flagged = len(out.flagged() & ids)
+    if flagged:
+        print(f"{flagged} images flagged by the safety checker: recorded with nsfw true, no image kept",
+              file=sys.stderr)
     if failed:
         print(f"{failed} rows failed: see {out.uri_of('errors')} (delete it and re-run to retry them)",
               file=sys.stderr)
