@@ -12,8 +12,8 @@ in the same dtype and thread count, alternating step by step:
 bf16 runs both under torch.autocast (float32 master weights, as accelerate's mixed precision
 does). Scales: tiny (the tests' U-Net, 64x64 images -> 8x8 latents, batch 2) and full (SD1.5's
 860M-parameter U-Net, 256x256 images -> 32x32 latents, batch 1). Throughput is the median step
-time over --runs alternated steps; the ratio is sdbatch / diffusers samples/s (>1: sdbatch is
-faster); on a busy machine time CPU seconds of one thread (--threads 1 --cpu-time). Peak
+time over --runs alternated steps; the ratio is sdbatch's step time over diffusers' (as in
+the README's table: below 1, sdbatch is faster); on a busy machine time CPU seconds of one thread (--threads 1 --cpu-time). Peak
 memory of each side is measured in a child process that builds only that side (max RSS on CPU,
 torch.cuda.max_memory_allocated on CUDA). Full size needs about 16 GiB of RAM (weights,
 gradients and AdamW state of an 860M-parameter U-Net in float32, plus activations) in the main
@@ -172,7 +172,8 @@ def main() -> None:
                     times[side].append(timed(step, device, clock))
             rate = {side: batch / statistics.median(t) for side, t in times.items()}
             line = (f"{scale} {dtype_name} {size}x{size} batch {batch}: diffusers {rate['diffusers']:.2f} samples/s, "
-                    f"sdbatch {rate['sdbatch']:.2f} samples/s, ratio {rate['sdbatch'] / rate['diffusers']:.2f}")
+                    f"sdbatch {rate['sdbatch']:.2f} samples/s, step time sdbatch / diffusers "
+                    f"{rate['diffusers'] / rate['sdbatch']:.2f}")
             del models, steps
             if args.no_memory:
                 line += f"; peak memory of both (shared weights) {peak_gib(device):.2f} GiB"
