@@ -183,3 +183,16 @@ def test_defaults_of_unsupported_fields_are_ignored(served):  # noqa: F811
     r = requests.post(f"{served.url}/sdapi/v1/txt2img", json=body, timeout=120)
     assert r.status_code == 200, r.text
     assert len(r.json()["images"]) == 1
+
+
+def test_cli_and_builder_reject_bad_arguments(capsys):
+    from sdbatch.__main__ import main
+    from sdbatch.serve.app import build
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--model", "m.safetensors", "--replicas", "0"])
+    assert exc.value.code == 2 and "--replicas" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="model argument is required"):
+        build({"replicas": "auto"})
+    with pytest.raises(ValueError, match="replicas='many'"):
+        build({"model": "m.safetensors", "replicas": "many"})
