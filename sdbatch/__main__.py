@@ -9,6 +9,7 @@ import random
 import sys
 from pathlib import Path
 
+from sdbatch.extras import missing_extra_message
 from sdbatch.model.samplers import SAMPLERS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -49,25 +50,20 @@ def output_paths(output: Path, n: int) -> list[Path]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
 
     from sdbatch import generate, load_model
     from sdbatch.a1111 import a1111_parameters, encode_png
+    from sdbatch.images import read_image
+    from sdbatch.model.pipeline import NonFiniteError
 
     if args.output.suffix.lower() != ".png":
         raise ValueError(f"-o {args.output}: the output must be a .png file")
     if args.seed + args.num_images > 2**64:
         raise ValueError(f"--seed {args.seed}: seeds up to seed + num_images - 1 must stay below 2**64")
-    init_image = None
-    if args.init_image is not None:
-        try:
-            init_image = Image.open(args.init_image)
-            init_image.load()
-        except OSError as e:
-            raise ValueError(f"--init-image {args.init_image}: cannot read the image ({e})") from None
+    init_image = None if args.init_image is None else read_image(args.init_image, f"--init-image {args.init_image}")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     print(f"loading {args.model}", file=sys.stderr)
-    model = load_model(args.model, device=args.device, dtype=dtype)
+    model = load_model(args.model, device=args.device, dtype=dtype, ema=args.ema)
     print(f"model on {model.device}, {str(model.dtype).removeprefix('torch.')}, seed {args.seed}", file=sys.stderr)
 
     paths = output_paths(args.output, args.num_images)
@@ -77,17 +73,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg_scale=args.cfg_scale, width=args.width, height=args.height,
         init_image=args.init_image, strength=args.strength,
     )
+    failed = []
     for start in range(0, args.num_images, args.batch_size):
         seeds = [args.seed + i for i in range(start, min(args.num_images, start + args.batch_size))]
-        images = generate(
-            model, [args.prompt] * len(seeds), [args.negative] * len(seeds), seeds=seeds, steps=args.steps,
-            cfg_scale=args.cfg_scale, sampler=args.sampler, width=args.width, height=args.height,
-            init_images=None if init_image is None else [init_image] * len(seeds), strength=args.strength,
-        )
-        for seed, image, path in zip(seeds, images, paths[start:]):
+        bad = set()
+        try:
+            images = generate(
+                model, [args.prompt] * len(seeds), [args.negative] * len(seeds), seeds=seeds, steps=args.steps,
+                cfg_scale=args.cfg_scale, sampler=args.sampler, width=args.width, height=args.height,
+                init_images=None if init_image is None else [init_image] * len(seeds), strength=args.strength,
+            )
+        except NonFiniteError as e:
+            images, bad = e.images, set(e.rows)
+        for k, (seed, image, path) in enumerate(zip(seeds, images, paths[start:])):
+            if k in bad:
+                failed.append(seed)
+                print(f"error: {path}: seed {seed} came out non-finite (NaN/inf) in {str(model.dtype).removeprefix('torch.')}"
+                      f"{'' if model.dtype == torch.float32 else ' and again in float32'}: no image written",
+                      file=sys.stderr)
+                continue
             path.write_bytes(encode_png(image, a1111_parameters(dict(row, seed=seed), model.hash)))
             print(path)
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_make_smoke_model(args: argparse.Namespace) -> int:
@@ -122,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="auto: float16 on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16, else float32")
     gen.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:1, mps, ...")
+    gen.add_argument("--no-ema", dest="ema", action="store_false",
+                     help="a full checkpoint's raw U-Net weights, not its EMA weights (the default); "
+                          "diffusers and AUTOMATIC1111 use the raw ones")
     gen.set_defaults(handler=cmd_generate)
 
     smoke = sub.add_parser("make-smoke-model", help="write a random-weight SD v1.x checkpoint (tiny unless --full-size)")
@@ -144,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        message = missing_extra_message(e, f"python -m sdbatch {args.command}")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

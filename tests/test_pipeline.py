@@ -41,6 +41,12 @@ def init_images() -> list:
     return [rgba, array.astype(np.uint8)]
 
 
+def on_white(image: Image.Image) -> Image.Image:
+    """RGB as we read images (transparency composited onto white); diffusers would drop the alpha."""
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 def run_diffusers(pipes, sampler, negatives, cfg_scale, img2img, prompts=PROMPTS, seeds=SEEDS) -> np.ndarray:
     txt2img_pipe, img2img_pipe, scheduler_config = pipes
     pipe = img2img_pipe if img2img else txt2img_pipe
@@ -49,7 +55,7 @@ def run_diffusers(pipes, sampler, negatives, cfg_scale, img2img, prompts=PROMPTS
     if img2img:  # diffusers keeps the init image's own size: hand it the image resized as ours is
         processor = pipe.image_processor
         pil = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in init_images()]
-        kwargs.update(image=[processor.resize(im.convert("RGB"), SIZE, SIZE) for im in pil], strength=STRENGTH)
+        kwargs.update(image=[processor.resize(on_white(im), SIZE, SIZE) for im in pil], strength=STRENGTH)
     else:
         kwargs.update(height=SIZE, width=SIZE)
     with torch.no_grad():

@@ -243,7 +243,7 @@ def test_diffusers_single_file_loader_reads_our_keys(tmp_path, reference, ours):
 
 def test_bad_inputs_get_clear_errors(reference):
     _, config, sd = reference
-    with pytest.raises(ValueError, match="input_blocks.0.0.weight"):
+    with pytest.raises(KeyError, match="input_blocks.0.0.weight"):
         infer_unet_config({k: v for k, v in sd.items() if k != "input_blocks.0.0.weight"})
     with pytest.raises(ValueError, match="use_linear_projection"):
         unet_config_from_diffusers({**config, "use_linear_projection": True})

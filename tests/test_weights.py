@@ -115,13 +115,13 @@ def test_unexpected_and_missing_keys_are_listed(tiny_ldm_state_dict, tmp_path):
         sdbatch.load_model(tmp_path / "extra.safetensors")
     del sd["stray_key"]
     save_checkpoint(sd, tmp_path / "extra.safetensors")
-    with pytest.raises(CheckpointError, match=r"unet keys .* unexpected extra\.weight"):
+    with pytest.raises(CheckpointError, match=r"unet keys .* unexpected model\.diffusion_model\.extra\.weight"):
         sdbatch.load_model(tmp_path / "extra.safetensors")
 
     sd = dict(tiny_ldm_state_dict)
     del sd["first_stage_model.decoder.conv_out.bias"], sd["cond_stage_model.transformer.text_model.final_layer_norm.weight"]
     save_checkpoint(sd, tmp_path / "missing.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing\.safetensors: vae keys .* missing decoder\.conv_out\.bias"):
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors: vae keys .* missing first_stage_model\.decoder\.conv_out\.bias"):
         sdbatch.load_model(tmp_path / "missing.safetensors")
 
 

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from sdbatch.errors import JobError
+from sdbatch.extras import missing_extra_message
 from sdbatch.jobs.generate import run_command, status_command
 from sdbatch.jobs.plan import DEFAULTS
 from sdbatch.jobs.report import add_report_arguments
@@ -90,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc, f"python -m sdbatch.jobs {args.command}")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -8,14 +8,32 @@ stochastic sampler step. So a seed gives the same image on any device and in any
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .samplers import eps_denoiser, get_sampler, row_noise_sampler, run_sampler
+from sdbatch.images import to_rgb
+
+from .samplers import Sampler, Schedule, eps_denoiser, get_sampler, row_noise_sampler, run_sampler
 
 InitImage = Image.Image | np.ndarray
+
+
+class NonFiniteError(ValueError):
+    """Rows of a batch whose latents or decoded images held NaN or inf, also after a float32 retry.
+
+    rows: their indices in the batch (ascending). images: uint8 (B, H, W, 3), the whole batch; the
+    listed rows are black placeholders that must never be used as images; the others are good.
+    """
+
+    def __init__(self, rows: list[int], images: np.ndarray, dtype: torch.dtype):
+        self.rows, self.images = rows, images
+        retried = "" if dtype == torch.float32 else f" in {str(dtype).removeprefix('torch.')} and again in float32"
+        super().__init__(
+            f"rows {rows} of the batch came out non-finite (NaN or inf){retried}: the model's weights or "
+            "these settings overflow; no image was made for them")
 
 
 def _check_strings(name: str, values: Sequence[str], n: int) -> list[str]:
@@ -44,7 +62,10 @@ def _check_seeds(seeds: Sequence[int], n: int) -> list[int]:
 
 def load_init_image(image: InitImage, width: int, height: int, row: int = 0) -> torch.Tensor:
     """A PIL image (any mode, any size) or a uint8 array (H, W), (H, W, 1|3|4) -> (3, height, width) in [-1, 1].
-    Converted to RGB, then resized with Lanczos as diffusers' VaeImageProcessor resizes PIL images."""
+
+    Converted to RGB as a viewer shows it (`sdbatch.images.to_rgb`: EXIF orientation applied,
+    transparency composited onto white), then resized with Lanczos as diffusers'
+    VaeImageProcessor resizes PIL images."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise ValueError(
@@ -54,7 +75,7 @@ def load_init_image(image: InitImage, width: int, height: int, row: int = 0) -> 
         image = Image.fromarray(image.squeeze(2) if image.ndim == 3 and image.shape[2] == 1 else image)
     elif not isinstance(image, Image.Image):
         raise TypeError(f"init_images[{row}]: expected a PIL image or a uint8 array, got {type(image).__name__}")
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.asarray(image).astype(np.float32) / 255.0)
@@ -109,6 +130,10 @@ def generate(
     each network there only while it runs: for GPUs too small to hold the whole model.
     return_latents: also return the sampler's final latents, float32 (B, 4, height/8, width/8),
     in the scaled latent space (what the VAE decodes after dividing by config.latent_scale).
+
+    Rows whose latents or images come out non-finite (NaN/inf: float16 overflow) are generated
+    again in float32 (the model is cast for that and cast back); rows still non-finite then raise
+    NonFiniteError, which lists them and carries the other rows' images.
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
@@ -138,6 +163,50 @@ def generate(
         empty = np.zeros((0, height, width, 3), np.uint8)
         return (empty, np.zeros((0, 4, height // 8, width // 8), np.float32)) if return_latents else empty
 
+    pixels = pixels if init_images is not None else None
+    images, bad, latents = _sample(model, prompts, negatives, seeds, spec, schedule, cfg_scale, width, height,
+                                   pixels, progress, offload)
+    if bad.any() and model.dtype != torch.float32:
+        # as AUTOMATIC1111 does for its VAE: redo the rows that overflowed, in float32 this time
+        redo = bad.nonzero()[0].tolist()
+        with _in_float32(model):
+            images[redo], bad[redo], latents[redo] = _sample(
+                model, [prompts[i] for i in redo], [negatives[i] for i in redo], [seeds[i] for i in redo], spec,
+                schedule, cfg_scale, width, height, None if pixels is None else pixels[redo], progress, offload)
+    if bad.any():
+        images[bad] = 0
+        raise NonFiniteError(bad.nonzero()[0].tolist(), images, model.dtype)
+    return (images, latents) if return_latents else images
+
+
+@contextmanager
+def _in_float32(model: torch.nn.Module) -> Iterator[None]:
+    """Run the model in float32 for the block, then give every module its own dtype back (a float16
+    model's float32 VAE decoder stays float32). Costs a float32 copy of the weights meanwhile."""
+    dtypes = {}
+    for module in model.modules():
+        tensors = chain(module.parameters(recurse=False), module.buffers(recurse=False))
+        floating = [t.dtype for t in tensors if t is not None and t.is_floating_point()]
+        if floating:
+            dtypes[module] = floating[0]
+    model.float()
+    try:
+        yield
+    finally:
+        for module, dtype in dtypes.items():
+            module._apply(lambda t, dtype=dtype: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> bool (B,) on the CPU: whether each row is free of NaN and inf."""
+    return torch.isfinite(x).flatten(1).all(1).cpu()
+
+
+def _sample(model, prompts: list[str], negatives: list[str], seeds: list[int], spec: Sampler, schedule: Schedule,
+            cfg_scale: float, width: int, height: int, pixels: torch.Tensor | None, progress: bool,
+            offload: torch.device | str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The checked inputs of `generate` -> uint8 images (B, height, width, 3), bool (B,) non-finite rows,
+    float32 final latents (B, 4, height/8, width/8)."""
     # The U-Net and the VAE cast inputs to their own dtype (a float16 VAE decoder may be kept in float32) and
     # return float32 for float32 inputs: sampling and guidance stay in float32 whatever the model dtype.
     offload = None if offload is None else torch.device(offload)
@@ -157,7 +226,7 @@ def generate(
         return uncond + cfg_scale * (cond - uncond)
 
     noise = row_noise_sampler([torch.Generator("cpu").manual_seed(s) for s in seeds], (4, height // 8, width // 8), device)
-    if init_images is None:
+    if pixels is None:
         x = noise() * spec.initial_noise_scale(schedule.sigmas[0])
     else:
         with _placed(model.vae, offload):
@@ -170,6 +239,5 @@ def generate(
         latents = run_sampler(spec, eps_denoiser(eps, schedule), x, schedule.sigmas, noise, disable=not progress)
     with _placed(model.vae, offload):
         images = model.vae.decode(latents / model.config.latent_scale)
-    if return_latents:
-        return to_uint8(images), latents.float().cpu().numpy()
-    return to_uint8(images)
+    finite = _finite_rows(latents) & _finite_rows(images)
+    return to_uint8(images), (~finite).numpy(), latents.float().cpu().numpy()

@@ -239,17 +239,23 @@ def _ldm_key_error(what: str) -> ValueError:
 
 
 def infer_unet_config(state_dict: dict[str, torch.Tensor]) -> UNetConfig:
-    """Hyper-parameters from the tensor shapes of an LDM-layout U-Net state dict (prefix removed)."""
+    """Hyper-parameters from the tensor shapes of an LDM-layout U-Net state dict (prefix removed).
+
+    Raises KeyError(key) for a key it needs that is missing, ValueError for other layouts.
+    """
     sd = state_dict
     for key in ("input_blocks.0.0.weight", "out.2.weight", "middle_block.1.proj_in.weight"):
         if key not in sd:
-            raise _ldm_key_error(f"missing key {key!r}")
+            raise KeyError(key)
     if sd["middle_block.1.proj_in.weight"].ndim != 4:
         raise _ldm_key_error("proj_in is a linear layer (an SD 2.x checkpoint?); only SD v1.x's 1x1 conv is supported")
 
     model_channels, in_channels = sd["input_blocks.0.0.weight"].shape[:2]
+    # Structure comes from any key of a block (a downsample's weight or bias, any key of an
+    # attention layer), never from one chosen key: a checkpoint missing one key then still gets
+    # the right structure, and the loader's error names the missing key.
     n_input = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
-    downsamples = sorted(int(k.split(".")[1]) for k in sd if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
+    downsamples = sorted({int(k.split(".")[1]) for k in sd if re.match(r"input_blocks\.\d+\.0\.op\.", k)})
     # input blocks: conv_in, then per level num_res_blocks stages and (but the last) a downsample
     num_res_blocks = downsamples[0] - 1 if downsamples else n_input - 1
     levels = len(downsamples) + 1
@@ -263,7 +269,7 @@ def infer_unet_config(state_dict: dict[str, torch.Tensor]) -> UNetConfig:
         if out_ch % model_channels:
             raise _ldm_key_error(f"level {level} width {out_ch} is not a multiple of {model_channels}")
         channel_mult.append(out_ch // model_channels)
-        if f"input_blocks.{first}.1.proj_in.weight" in sd:
+        if any(k.startswith(f"input_blocks.{first}.1.") for k in sd):
             attention_levels.append(level)
 
     depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("middle_block.1.transformer_blocks."))

@@ -74,6 +74,51 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or is not an SD v1.x model; the message names the file."""
 
 
+SUPPORTED = (
+    "sdbatch runs SD v1.x text-to-image models only (a 4-channel U-Net conditioned on 768-wide "
+    "CLIP ViT-L text features, epsilon prediction)"
+)
+# Key prefixes of single-file checkpoints of other model families (their original LDM/SGM layouts)
+FOREIGN_PREFIXES = {
+    "conditioner.embedders.": "an SDXL checkpoint (its text encoders are under conditioner.embedders.*)",
+    "cond_stage_model.model.": "an SD 2.x checkpoint (its OpenCLIP ViT-H text encoder is under cond_stage_model.model.*)",
+}
+# U-Net input channels of known variants (SD v1.x text-to-image: 4, the latents alone)
+UNET_INPUTS = {
+    9: "an inpainting model (its U-Net takes 9 input channels: latents, mask and masked image)",
+    5: "a depth-to-image model (its U-Net takes 5 input channels: latents and depth)",
+    8: "an InstructPix2Pix model (its U-Net takes 8 input channels: latents and the input image)",
+}
+# width of the text conditioning -> family (SD v1.x: 768, CLIP ViT-L/14)
+CONTEXT_WIDTHS = {1024: "an SD 2.x model (1024-wide OpenCLIP ViT-H text conditioning)",
+                  2048: "an SDXL model (2048-wide text conditioning)"}
+
+
+def unsupported_kind(config: "ModelConfig", prediction_type: str = "epsilon") -> str | None:
+    """What a model is when it is not SD v1.x text-to-image (None when it is).
+
+    Judged from its inferred/declared config: the U-Net's input and output channels, the width of
+    its text conditioning, and (diffusers folders) the scheduler's prediction type.
+    """
+    unet = config.unet
+    if unet.in_channels != 4:
+        return UNET_INPUTS.get(unet.in_channels, f"a U-Net with {unet.in_channels} input channels (not 4)")
+    if unet.out_channels != 4:
+        return f"a U-Net with {unet.out_channels} output channels (not 4)"
+    for width in (unet.context_dim, config.text_encoder.width):
+        if width in CONTEXT_WIDTHS:
+            return CONTEXT_WIDTHS[width]
+    if prediction_type != "epsilon":
+        return f"a {prediction_type} model (the scheduler's prediction_type; SD v1.x predicts the noise, epsilon)"
+    return None
+
+
+def _refuse_unsupported(path: Path, config: "ModelConfig", prediction_type: str = "epsilon") -> None:
+    kind = unsupported_kind(config, prediction_type)
+    if kind is not None:
+        raise CheckpointError(f"{path}: refused: this is {kind}; {SUPPORTED}")
+
+
 @dataclass
 class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -254,6 +299,11 @@ def split_checkpoint(sd: dict[str, torch.Tensor], path: Path, ema: bool = True) 
                 break
         else:
             unexpected.append(key)
+    for prefix, kind in FOREIGN_PREFIXES.items():
+        if any(k.startswith(prefix) for k in unexpected):
+            raise CheckpointError(f"{path}: refused: this is {kind}; {SUPPORTED}")
+    if "v_pred" in unexpected:
+        raise CheckpointError(f"{path}: refused: this is a v-prediction model (its v_pred key); {SUPPORTED}")
     missing = [PREFIXES[name] + "*" for name, part in parts.items() if not part]
     if missing:
         raise CheckpointError(
@@ -442,20 +492,45 @@ def _read_source(path: Path, ema: bool = True) -> tuple[dict[str, dict[str, torc
                 latent_scale=configs["vae"].get("scaling_factor", LATENT_SCALE),
             )
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: unsupported diffusers config: {e}") from None
+            kind = _diffusers_kind(configs)
+            raise CheckpointError(f"{path}: refused: this is {kind}; {SUPPORTED}" if kind
+                                  else f"{path}: unsupported diffusers config: {e}") from None
+        _refuse_unsupported(path, config, _prediction_type(path))
         own = any((path / "tokenizer" / name).is_file() for name in ("vocab.json", "tokenizer.json"))
         tokenizer = Tokenizer(path / "tokenizer") if own else Tokenizer()
         return parts, config, tokenizer, tuple(files)
     parts = split_checkpoint(read_weights(path), path, ema)
-    try:
-        config = ModelConfig(
-            unet=infer_unet_config(parts["unet"]),
-            vae=infer_vae_config(parts["vae"]),
-            text_encoder=infer_clip_config(parts["text_encoder"]),
-        )
-    except (ValueError, KeyError, IndexError) as e:
-        raise CheckpointError(f"{path}: cannot infer the model's shape (not an SD v1.x checkpoint?): {e}") from None
+    inferred = {}
+    for name, infer in (("unet", infer_unet_config), ("vae", infer_vae_config), ("text_encoder", infer_clip_config)):
+        try:
+            inferred[name] = infer(parts[name])
+        except KeyError as e:
+            raise CheckpointError(f"{path}: missing key {PREFIXES[name]}{e.args[0]}") from None
+        except (ValueError, IndexError) as e:
+            raise CheckpointError(f"{path}: cannot infer the {name}'s shape (not an SD v1.x checkpoint?): {e}") from None
+    config = ModelConfig(**inferred)
+    _refuse_unsupported(path, config)
     return parts, config, Tokenizer(), (path,)
+
+
+def _prediction_type(folder: Path) -> str:
+    """A diffusers folder's scheduler prediction type ("epsilon" when it does not say)."""
+    try:
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return "epsilon"
+    return scheduler.get("prediction_type") or "epsilon"
+
+
+def _diffusers_kind(configs: dict) -> str | None:
+    """What a diffusers folder is, from its raw configs, when they do not describe SD v1.x."""
+    unet, text = configs["unet"], configs["text_encoder"]
+    if unet.get("in_channels", 4) in UNET_INPUTS:
+        return UNET_INPUTS[unet["in_channels"]]
+    for width in (unet.get("cross_attention_dim"), text.get("hidden_size")):
+        if width in CONTEXT_WIDTHS:
+            return CONTEXT_WIDTHS[width]
+    return None
 
 
 def load_component_(
@@ -473,7 +548,9 @@ def load_component_(
     channels-last. `source` names the checkpoint in errors.
     """
     expected = module.state_dict()
-    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
+    prefix = PREFIXES.get(name, "")
+    missing = {prefix + k for k in set(expected) - set(sd)}
+    unexpected = {prefix + k for k in set(sd) - set(expected)}
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: {name} keys do not match SD v1.x:"
