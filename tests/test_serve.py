@@ -194,5 +194,7 @@ def test_cli_and_builder_reject_bad_arguments(capsys):
     assert exc.value.code == 2 and "--replicas" in capsys.readouterr().err
     with pytest.raises(ValueError, match="model argument is required"):
         build({"replicas": "auto"})
+    with pytest.raises(ValueError, match="model nowhere.safetensors does not exist"):
+        build({"model": "nowhere.safetensors"})
     with pytest.raises(ValueError, match="replicas='many'"):
-        build({"model": "m.safetensors", "replicas": "many"})
+        build({"model": __file__, "replicas": "many"})

@@ -208,7 +208,8 @@ def build(args: dict[str, Any]):
     Replicas and their resources come from the cluster as for `jobs run` (`sdbatch.jobs.common.
     actor_pool`): one per GPU, or CPU replicas whose torch threads add up to the CPUs; with
     replicas=auto, Serve autoscales between 1 and what the cluster has or can add (64 when its
-    autoscaler does not say). Raises ValueError for a missing model or a bad argument.
+    autoscaler does not say). Raises ValueError for a missing model, a local model path that does
+    not exist, or a bad argument.
     """
     import ray
 
@@ -216,6 +217,8 @@ def build(args: dict[str, Any]):
 
     if not args.get("model"):
         raise ValueError("serve: the model argument is required (model=path/to/checkpoint)")
+    if "://" not in str(args["model"]) and not os.path.exists(args["model"]):
+        raise ValueError(f"serve: model {args['model']} does not exist")
     replicas = args.get("replicas")
     if replicas is not None and str(replicas) != "auto" and not (str(replicas).isdigit() and int(replicas) >= 1):
         raise ValueError(f"serve argument replicas={replicas!r}: expected a positive integer or 'auto'")
