@@ -18,7 +18,8 @@ memory of each side is measured in a child process that builds only that side (m
 torch.cuda.max_memory_allocated on CUDA). Full size needs about 16 GiB of RAM (weights,
 gradients and AdamW state of an 860M-parameter U-Net in float32, plus activations) in the main
 process and in each child; --no-memory skips the children and prints the main process's peak
-instead. On a shared machine take the benchmark lock:
+instead; --no-optimizer leaves out the AdamW step (the same code and cost on both sides) and
+its state, for about 8 GiB at full size. On a shared machine take the benchmark lock:
 
     flock /tmp/sdbatch-bench.lock .venv/bin/python benchmarks/bench_train.py --scale tiny full --dtype fp32 bf16
 """
@@ -68,9 +69,12 @@ def build(scale: str, device: torch.device, sides: tuple[str, ...] = SIDES) -> d
     return {"sdbatch": ours.train(), "diffusers": ref}
 
 
-def make_steps(models: dict[str, torch.nn.Module], scale: str, dtype: torch.dtype, device: torch.device, batch: int):
+def make_steps(
+    models: dict[str, torch.nn.Module], scale: str, dtype: torch.dtype, device: torch.device, batch: int,
+    optimize: bool = True,
+):
     """{side: one training step (a callable)} on one fixed batch, with one AdamW over the
-    (shared) parameters."""
+    (shared) parameters (without `optimize`: loss and gradients only)."""
     g = torch.Generator().manual_seed(0)
     latent = SCALES[scale]["size"] // 8
     latents = torch.randn(batch, 4, latent, latent, generator=g).to(device)
@@ -78,7 +82,12 @@ def make_steps(models: dict[str, torch.nn.Module], scale: str, dtype: torch.dtyp
     scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     params = {id(p): p for model in models.values() for p in model.parameters()}
-    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-5)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-5)  # its state is allocated on its first step
+
+    def update() -> None:
+        if optimize:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def autocast():
         if dtype == torch.float32:
@@ -89,8 +98,7 @@ def make_steps(models: dict[str, torch.nn.Module], scale: str, dtype: torch.dtyp
         with autocast():
             loss = diffusion_loss(models["sdbatch"], latents, context, g)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update()
 
     def theirs() -> None:
         noise = torch.randn_like(latents)
@@ -100,8 +108,7 @@ def make_steps(models: dict[str, torch.nn.Module], scale: str, dtype: torch.dtyp
             pred = models["diffusers"](noisy, timesteps, context, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update()
 
     return {side: step for side, step in (("sdbatch", ours), ("diffusers", theirs)) if side in models}
 
@@ -133,7 +140,7 @@ def run_only(args) -> None:
     """--only SIDE: build that side alone, run 3 steps, print its peak memory as JSON."""
     device, scale, dtype = torch.device(args.device), args.scale[0], DTYPES[args.dtype[0]]
     models = build(scale, device, (args.only,))
-    step = make_steps(models, scale, dtype, device, SCALES[scale]["batch"])[args.only]
+    step = make_steps(models, scale, dtype, device, SCALES[scale]["batch"], not args.no_optimizer)[args.only]
     for _ in range(3):
         step()
     print(json.dumps({"peak_gib": peak_gib(device)}))
@@ -148,6 +155,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cpu-time", action="store_true", help="time process CPU seconds (busy machines, 1 thread)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-side peak memory children")
+    parser.add_argument("--no-optimizer", action="store_true",
+                        help="loss and backward only, no AdamW step (its state is 2x the weights: full size in less RAM)")
     parser.add_argument("--only", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -157,12 +166,12 @@ def main() -> None:
     device = torch.device(args.device)
     clock = time.process_time if args.cpu_time else time.perf_counter
     print(f"torch {torch.__version__}, device {device}, {args.threads} threads, {args.runs} alternated steps per side, "
-          f"{'CPU' if args.cpu_time else 'wall'} time")
+          f"{'CPU' if args.cpu_time else 'wall'} time, {'no optimizer' if args.no_optimizer else 'AdamW'}")
     for scale in args.scale:
         for dtype_name in args.dtype:
             batch, size = SCALES[scale]["batch"], SCALES[scale]["size"]
             models = build(scale, device)
-            steps = make_steps(models, scale, DTYPES[dtype_name], device, batch)
+            steps = make_steps(models, scale, DTYPES[dtype_name], device, batch, not args.no_optimizer)
             for step in steps.values():
                 for _ in range(2):  # oneDNN primitives, allocator, AdamW state
                     step()
