@@ -205,6 +205,23 @@ def test_old_run_without_latents_places_pixels_instead(run_out, tmp_path):
     assert "t-SNE of 5 of them" in html and html.count("data:image/jpeg;base64,") >= 24
 
 
+def test_rows_without_an_image_are_counted_not_shown(run_out, tmp_path):
+    """A row the safety checker flagged is recorded with nsfw true and no image or latent."""
+    flagged = tmp_path / "flagged"
+    shutil.copytree(run_out, flagged)
+    for part in (flagged / "manifest").glob("*.parquet"):
+        t = pq.read_table(part).to_pandas()
+        first = t["id"] == "00000000"
+        t.loc[first, ["image", "latent"]] = None
+        t["nsfw"] = first
+        pq.write_table(pa.Table.from_pandas(t, preserve_index=False), part)
+    (flagged / "images" / "00000000.png").unlink()
+    assert jobs_cli.main(["report", str(flagged)]) == 0
+    html = (flagged / "report.html").read_text()
+    assert "flagged by the safety checker" in html and "PCA of all 11 images" in html
+    assert "images/00000000.png" not in html and html.count('href="images/') == 11 + 11
+
+
 def test_a_bigger_run_is_sampled_and_says_so(run_out, tmp_path):
     assert jobs_cli.main(["report", str(run_out), "--sample", "7", "--tsne-sample", "4"]) == 0
     html = (run_out / "report.html").read_text()

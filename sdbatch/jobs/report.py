@@ -36,11 +36,12 @@ from sdbatch.errors import JobError
 from sdbatch.jobs.output import Output
 
 THUMB_PX = 128          # longest side of a thumbnail
+HOVER_PX = 80           # ... of one shown only on hovering the latent plot (5000 of them: 8 MB)
 FEATURE_GRID = 16       # latents (and old runs' images) are averaged to C x 16 x 16 features
 MAX_CATEGORIES = 20     # a colour column shows its 19 commonest values and "other"
 SWEEP_MAX_VALUES = 12   # a setting with more distinct values is not drawn as a grid axis
 SWEEP_COLUMNS = ("cfg_scale", "sampler", "steps", "strength", "width", "height", "negative_prompt")
-FILE_COLUMNS = ("id", "image", "latent", "sha256", "model_hash", "init_image")
+FILE_COLUMNS = ("id", "image", "latent", "sha256", "model_hash", "init_image", "nsfw")
 
 
 # ----------------------------------------------------------------------------- images and files
@@ -91,13 +92,13 @@ def open_image(data: bytes):
     return im
 
 
-def thumbnail(data: bytes | None) -> str | None:
+def thumbnail(data: bytes | None, px: int = THUMB_PX) -> str | None:
     """A data URI thumbnail of an image file; None for a missing or unreadable one (the page
     shows it as missing and goes on)."""
     if data is None:
         return None
     try:
-        return data_uri(open_image(data))
+        return data_uri(open_image(data), px)
     except Exception:  # a truncated or foreign file
         return None
 
@@ -284,18 +285,23 @@ def run_context(out: Output, run: dict[str, Any], sample: int, tsne_sample: int,
     ctx.update(wall=wall, remaining=max(0, run.get("rows", 0) - n_err - (0 if manifest is None else len(manifest))))
     if manifest is None or manifest.empty:
         return ctx
-    manifest = manifest.sort_values("id").reset_index(drop=True)
+    # rates count every generated row; the page shows the rows with an image (a row the safety
+    # checker flagged is recorded with nsfw true and none)
+    busy = float(manifest["seconds"].sum())
+    ctx.update(workers=int(manifest["worker"].nunique()), busy=busy, rate=len(manifest) / busy if busy else None,
+               wall_rate=len(manifest) / wall if wall else None, model_hash=manifest["model_hash"].iloc[0],
+               flagged=int(manifest["image"].isna().sum()), histogram=figure_html(time_histogram(
+                   manifest["seconds"].to_numpy())))
+    manifest = manifest[manifest["image"].notna()].sort_values("id").reset_index(drop=True)
+    if manifest.empty:
+        return ctx
     if "latent" not in manifest.columns:
         manifest["latent"] = None
     manifest["_image"] = relative(out, manifest["image"], "images")
     manifest["_latent"] = relative(out, manifest["latent"].astype(object), "latents")
     carried = [c for c in manifest.columns if c not in PLAN_COLUMNS and c not in FILE_COLUMNS
                and not c.startswith("_") and c not in ("seconds", "worker")]
-    n = len(manifest)
-    busy = float(manifest["seconds"].sum())
-    ctx.update(images=n, workers=int(manifest["worker"].nunique()), busy=busy,
-               rate=n / busy if busy else None, wall_rate=n / wall if wall else None,
-               model_hash=manifest["model_hash"].iloc[0])
+    n = ctx["images"] = len(manifest)
 
     # which images the page shows: the contact sheet's, the grids', the latent sample
     prompts = list(dict.fromkeys(manifest["prompt"]))
@@ -309,9 +315,10 @@ def run_context(out: Output, run: dict[str, Any], sample: int, tsne_sample: int,
     shown = pd.concat([sheet, grid_rows, latent]).drop_duplicates("id")
     files = fetch(out, [p for p in shown["_image"]])
     thumbs, index = [], {}
+    on_sheet = set(sheet["id"]) | set(grid_rows.get("id", []))
     for image_id, name in zip(shown["id"], shown["_image"]):
         index[image_id] = len(thumbs)
-        thumbs.append(thumbnail(files.get(name)))
+        thumbs.append(thumbnail(files.get(name), THUMB_PX if image_id in on_sheet else HOVER_PX))
     manifest["_thumb"] = manifest["id"].map(index).fillna(-1).astype(int)
     sheet = manifest.loc[sheet.index]
     ctx.update(thumbs=thumbs, missing=int(sum(t is None for t in thumbs)))
@@ -329,7 +336,6 @@ def run_context(out: Output, run: dict[str, Any], sample: int, tsne_sample: int,
     ctx["swept"] = swept
     ctx["grids"] = sweep_grids(manifest, swept[:2], prompts[:8], card) if swept else []
 
-    ctx["histogram"] = figure_html(time_histogram(manifest["seconds"].to_numpy()))
     metrics_path = out.path("metrics.json")
     if storage.exists(out.fs, metrics_path):
         ctx["metrics"] = json.loads(storage.read_bytes(out.fs, metrics_path))
@@ -454,6 +460,17 @@ def dataset_sample(data: str, caption_column: str, n: int) -> list[dict[str, Any
 # ----------------------------------------------------------------------------- the page
 
 
+def number(value: float | int | None, fmt: str | None = None) -> str:
+    """1234567 -> '1,234,567'; 11400.3 -> '11,400'; 0.1362 -> '0.136'; None -> '-'."""
+    if value is None:
+        return "-"
+    if fmt:
+        return fmt.format(value)
+    if isinstance(value, int) or abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
 def render(ctx: dict[str, Any]) -> str:
     import jinja2
     import plotly.offline
@@ -462,7 +479,7 @@ def render(ctx: dict[str, Any]) -> str:
                              autoescape=jinja2.select_autoescape(["j2", "html"]),
                              undefined=jinja2.StrictUndefined)
     env.filters["duration"] = lambda s: "-" if s is None else str(datetime.timedelta(seconds=round(s)))
-    env.filters["num"] = lambda v, fmt="{:.3g}": "-" if v is None else fmt.format(v)
+    env.filters["num"] = number
     env.filters["tojson_compact"] = lambda v: json.dumps(v, separators=(",", ":"))
     return env.get_template("report.html.j2").render(plotlyjs=plotly.offline.get_plotlyjs(),
                                                      generated=datetime.datetime.now(datetime.timezone.utc)
