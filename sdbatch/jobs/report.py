@@ -36,7 +36,7 @@ from sdbatch.errors import JobError
 from sdbatch.jobs.output import Output
 
 THUMB_PX = 128          # longest side of a thumbnail
-HOVER_PX = 80           # ... of one shown only on hovering the latent plot (5000 of them: 8 MB)
+HOVER_PX = 80           # ... of one shown only on hovering the latent plot (up to --sample of them)
 FEATURE_GRID = 16       # latents (and old runs' images) are averaged to C x 16 x 16 features
 MAX_CATEGORIES = 20     # a colour column shows its 19 commonest values and "other"
 SWEEP_MAX_VALUES = 12   # a setting with more distinct values is not drawn as a grid axis
@@ -313,7 +313,8 @@ def run_context(out: Output, run: dict[str, Any], sample: int, tsne_sample: int,
         grid_rows = manifest[manifest["prompt"].isin(prompts[:8])].drop_duplicates(["prompt", *axes])
     latent = sample_rows(manifest, sample, seed)
     shown = pd.concat([sheet, grid_rows, latent]).drop_duplicates("id")
-    files = fetch(out, [p for p in shown["_image"]])
+    print(f"report: {n} images; reading {len(shown)} of them for thumbnails", file=sys.stderr)
+    files = fetch(out, shown["_image"].tolist())
     thumbs, index = [], {}
     on_sheet = set(sheet["id"]) | set(grid_rows.get("id", []))
     for image_id, name in zip(shown["id"], shown["_image"]):
@@ -355,6 +356,7 @@ def run_context(out: Output, run: dict[str, Any], sample: int, tsne_sample: int,
                          or [np.zeros(3 * FEATURE_GRID**2, np.float32)])[:len(latent)]
     ctx["latent_n"], ctx["latent_of"] = len(latent), n
     if len(latent) >= 2:
+        print(f"report: PCA of {len(latent)} images, t-SNE of {min(tsne_sample, len(latent))}", file=sys.stderr)
         pca, pick, tsne = embed(feats, tsne_sample, seed)
         fig = latent_figure(latent.reset_index(drop=True), pca, pick, tsne, varying_columns(
             latent.drop(columns=[c for c in latent.columns if c.startswith("_")])) or ["prompt"])
