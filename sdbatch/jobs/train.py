@@ -401,7 +401,23 @@ def ray_storage(out: Output):
     return out.root, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(out.fs))
 
 
-def fit(settings: dict[str, Any], out: Output, groups: list[dict[str, Any]], rows: int, workers: str | None):
+def worker_pool(workers: str | None, mixed_precision: str) -> tuple[int, dict[str, float], int]:
+    """(training workers, Ray resources of each, torch threads of each), from the cluster as for
+    `jobs run`: one worker per GPU, or CPU workers whose threads add up to the cores."""
+    pool = actor_pool(workers, None)
+    n = pool.max_size if workers == "auto" and pool.max_size else pool.min_size
+    if mixed_precision == "fp16" and not pool.num_gpus:
+        raise JobError("--mixed-precision fp16 needs GPUs; on CPUs use bf16 or no")
+    if pool.num_gpus:
+        resources = {"CPU": 1, "GPU": pool.num_gpus}
+    else:  # the workers' threads take the cores; Ray Data decodes beside them
+        resources = {"CPU": max(0.1, pool.num_cpus - DATA_CPUS / n)}
+    # OMP_NUM_THREADS, when the driver has it, caps each worker's threads (e.g. on a busy machine)
+    return n, resources, min(pool.threads, int(os.environ.get("OMP_NUM_THREADS") or pool.threads))
+
+
+def fit(settings: dict[str, Any], out: Output, groups: list[dict[str, Any]], rows: int,
+        pool: tuple[int, dict[str, float], int]):
     """Runs train_loop on Ray Train; returns its Result (the latest checkpoint in .checkpoint)."""
     import ray.data
     import ray.train
@@ -409,16 +425,7 @@ def fit(settings: dict[str, Any], out: Output, groups: list[dict[str, Any]], row
 
     from sdbatch.jobs.train_data import training_dataset
 
-    pool = actor_pool(workers, None)
-    n = pool.max_size if workers == "auto" and pool.max_size else pool.min_size
-    if pool.num_gpus:
-        resources = {"CPU": 1, "GPU": pool.num_gpus}
-    else:  # the workers' threads take the cores; Ray Data decodes beside them
-        resources = {"CPU": max(0.1, pool.num_cpus - DATA_CPUS / n)}
-    if settings["mixed_precision"] == "fp16" and not pool.num_gpus:
-        raise JobError("--mixed-precision fp16 needs GPUs; on CPUs use bf16 or no")
-    # OMP_NUM_THREADS, when the driver has it, caps each worker's threads (e.g. on a busy machine)
-    threads = min(pool.threads, int(os.environ.get("OMP_NUM_THREADS") or pool.threads))
+    n, resources, threads = pool
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3") if k in os.environ}
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -429,7 +436,7 @@ def fit(settings: dict[str, Any], out: Output, groups: list[dict[str, Any]], row
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=dict(settings, output=out.uri, threads=threads),
-        scaling_config=ray.train.ScalingConfig(num_workers=n, use_gpu=bool(pool.num_gpus), resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=n, use_gpu="GPU" in resources, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=MAX_FAILURES),
@@ -511,14 +518,20 @@ def train_command(args) -> int:
         for name in TRAIN_OUTPUTS:
             storage.remove(out.fs, out.path(name))
         previous = None
-    storage.remove(out.fs, out.path("stopped.json"))
-    record = dict(settings=settings, rows=rows, versions=versions(), started=(previous or {}).get("started") or now(),
-                  finished=None)
-    storage.write_bytes(out.fs, record_path, json.dumps(record, indent=2).encode())
-    print(f"{rows} rows; training {'+'.join(settings['parts'])} for {settings['steps']} steps into {out.uri}",
-          file=sys.stderr)
+    if previous and previous.get("finished") and storage.exists(out.fs, out.path("model.safetensors")):
+        print(f"{out.uri} already holds the trained model: nothing to do", file=sys.stderr)
+        return 0
+    if settings["validation_prompts"] and settings["parts"] == ["vae"]:
+        print("note: --validation-prompts are not used when training the VAE alone", file=sys.stderr)
     with ray_session(args.address):
-        result = fit(settings, out, groups, rows, args.workers)
+        pool = worker_pool(args.workers, settings["mixed_precision"])
+        storage.remove(out.fs, out.path("stopped.json"))
+        record = dict(settings=settings, rows=rows, versions=versions(), finished=None,
+                      started=(previous or {}).get("started") or now())
+        storage.write_bytes(out.fs, record_path, json.dumps(record, indent=2).encode())
+        print(f"{rows} rows; training {'+'.join(settings['parts'])} for {settings['steps']} steps on {pool[0]} "
+              f"worker(s) into {out.uri}", file=sys.stderr)
+        result = fit(settings, out, groups, rows, pool)
     state = load_state(result.checkpoint) if result.checkpoint else dict(step=0)
     if state["step"] < settings["steps"]:  # a non-finite loss: exit status 1, the checkpoints kept
         stopped = out.path("stopped.json")

@@ -16,7 +16,7 @@ draws of an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from sdbatch import storage
 from sdbatch.errors import JobError
 from sdbatch.jobs.output import Output, errors_table
 from sdbatch.jobs.plan import _type_ok, table_files
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_COLUMN = "image"
 ROWS_PER_CHUNK = 16  # decoded rows per Ray Data block: a row group of big images stays in bounds
@@ -227,7 +230,7 @@ class SampleStream:
 
 
 def make_batch(rows: list[dict[str, Any]], resolution: int, random_crop: bool, flip: bool,
-               generator) -> "torch.Tensor":  # noqa: F821
+               generator: torch.Generator) -> torch.Tensor:
     """Samples -> images (B, 3, resolution, resolution) float32 in [-1, 1].
 
     Each image is cropped to a square (at the centre, or at an offset drawn from `generator`),
