@@ -5,6 +5,7 @@ weights. The batch job over prompt tables is `python -m sdbatch.jobs`.
 """
 
 import argparse
+import os
 import random
 import sys
 from pathlib import Path
@@ -164,4 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # as `python -m sdbatch.jobs` does: no interpreter teardown, where native thread pools have
+    # aborted processes (exit 134) after the work was done
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -68,7 +68,7 @@ class GenerationActor:
 
     def __init__(self, model: str, output: str, dtype: str = "auto", device: str = "auto",
                  threads: int | None = None, inception_weights: list | None = None,
-                 safeguards: SafeguardSettings | None = None):
+                 safeguards: SafeguardSettings | None = None, ema: bool = True):
         import torch
 
         import sdbatch
@@ -76,7 +76,7 @@ class GenerationActor:
         if threads:
             torch.set_num_threads(threads)
         dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        self.model = sdbatch.load_model(model, device=device, dtype=dtype)
+        self.model = sdbatch.load_model(model, device=device, dtype=dtype, ema=ema)
         self.fs, self.images = storage.url_to_fs(storage.join(output, "images"))
         self.latents = storage.url_to_fs(storage.join(output, "latents"))[1]
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -100,6 +100,7 @@ class GenerationActor:
 
     def generate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import sdbatch
+        from sdbatch.model.pipeline import NonFiniteError
 
         skipped = {r["id"] for r in rows if r["skip"]}
         results, init_images = [], None
@@ -109,7 +110,7 @@ class GenerationActor:
                 try:
                     init_images.append(self._read_image(row["init_image"]))
                     readable.append(row)
-                except Exception as exc:
+                except Exception as exc:  # ImageReadError, or the storage's own error
                     results.append(self._error(
                         row, f"init_image {row['init_image']!r} could not be read as an image ({exc})."))
             rows = readable
@@ -120,11 +121,15 @@ class GenerationActor:
         # the job stops with the error and a re-run retries these rows.
         with self.busy:
             start = time.perf_counter()
-            images, latents = sdbatch.generate(
-                self.model, [r["prompt"] for r in rows], [r["negative_prompt"] for r in rows],
-                seeds=[r["seed"] for r in rows], steps=first["steps"], cfg_scale=first["cfg_scale"],
-                sampler=first["sampler"], width=first["width"], height=first["height"],
-                init_images=init_images, strength=first["strength"], progress=False, return_latents=True)
+            nonfinite: set[int] = set()
+            try:  # rows that overflow are retried in float32 inside generate()
+                images, latents = sdbatch.generate(
+                    self.model, [r["prompt"] for r in rows], [r["negative_prompt"] for r in rows],
+                    seeds=[r["seed"] for r in rows], steps=first["steps"], cfg_scale=first["cfg_scale"],
+                    sampler=first["sampler"], width=first["width"], height=first["height"],
+                    init_images=init_images, strength=first["strength"], progress=False, return_latents=True)
+            except NonFiniteError as exc:
+                images, latents, nonfinite = exc.images, exc.latents, set(exc.rows)
             nsfw = self.safeguards.screen(images)  # before the watermark, as SD's scripts
             seconds = (time.perf_counter() - start) / len(rows)
             if self.inception is not None:
@@ -133,6 +138,14 @@ class GenerationActor:
                 features, logits = extract_arrays(self.inception, list(images))
         for k, (row, image) in enumerate(zip(rows, images)):
             if row["skip"]:
+                continue
+            if k in nonfinite:
+                dtype = str(self.model.dtype).removeprefix("torch.")
+                retried = "" if dtype == "float32" else f" in {dtype} and again in float32"
+                results.append(dict(self._error(row, (
+                    f"Row {row.get('row', '?')} (id {row['id']!r}): the image came out non-finite (NaN or inf)"
+                    f"{retried}; no image was recorded. The checkpoint's weights (or these settings) overflow: "
+                    f"check the model, or try --dtype float32.")), seconds=seconds))
                 continue
             if nsfw[k]:
                 results.append(dict(self._error(row, None), seconds=seconds, nsfw=True))
@@ -154,11 +167,10 @@ class GenerationActor:
         return [r for r in results if r["id"] not in skipped]
 
     def _read_image(self, uri: str):
-        from PIL import Image
+        from sdbatch.images import read_image
 
         fs, path = storage.url_to_fs(uri)
-        with Image.open(io.BytesIO(storage.read_bytes(fs, path))) as im:
-            return im.convert("RGB")
+        return read_image(storage.read_bytes(fs, path), name=uri)
 
     def _error(self, row: dict[str, Any], message: str | None) -> dict[str, Any]:
         return dict(id=row["id"], image=None, latent=None, sha256=None, model_hash=self.model.hash, seconds=None,

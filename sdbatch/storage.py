@@ -4,6 +4,7 @@ in-memory buffers (pyarrow 26 can abort the interpreter at exit when it does).""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -11,9 +12,12 @@ import posixpath
 import random
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any, Callable, TypeVar
 
 import fsspec
+
+from sdbatch.errors import JobError
 
 T = TypeVar("T")
 
@@ -137,20 +141,45 @@ def remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
         retry(fs.rm, path, recursive=True)
 
 
+@contextlib.contextmanager
+def _parquet_errors(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[None]:
+    """Unreadable Parquet files (empty, truncated, not Parquet, no permission) -> JobError naming
+    the file (exit 2), instead of pyarrow's traceback."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        if is_transient(exc):
+            raise
+        if isinstance(exc, PermissionError):
+            reason = "permission denied"
+        elif isinstance(exc, FileNotFoundError):
+            reason = "no such file"
+        else:
+            reason = f"not a readable Parquet file (empty, truncated or another format): {exc}"
+        raise JobError(f"{to_uri(fs, path)}: {reason}") from None
+
+
 def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None):
+    """A whole Parquet file, read from memory without threads (pyarrow's thread pools have aborted
+    this process at exit). Raises JobError naming an unreadable file."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(io.BytesIO(read_bytes(fs, path)), columns=columns, use_threads=False)
+    with _parquet_errors(fs, path):
+        return pq.read_table(io.BytesIO(read_bytes(fs, path)), columns=columns, use_threads=False)
 
 
 def read_parquet_schema(fs: fsspec.AbstractFileSystem, path: str):
+    """A Parquet file's Arrow schema (from its footer). Raises JobError naming an unreadable file."""
     import pyarrow.parquet as pq
 
     def read():
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).schema_arrow
 
-    return retry(read)
+    with _parquet_errors(fs, path):
+        return retry(read)
 
 
 def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table) -> None:

@@ -147,9 +147,9 @@ def test_table_files_folder_and_glob(tmp_path):
     ({"prompt": ["a"], "seed": ["1"]}, "column 'seed' has type string; it must be integer"),
     ({"prompt": ["a"], "image": ["x"]}, "column 'image' clashes"),
 ])
-def test_bad_column_types_fail_naming_the_column(tmp_path, capsys, columns, message):
+def test_bad_column_types_fail_naming_the_column(tmp_path, capsys, columns, message, tiny_safetensors):
     pq.write_table(pa.table(columns), tmp_path / "t.parquet")
-    rc = cli.main(["run", str(tmp_path / "t.parquet"), "--model", "m.safetensors", "--output", str(tmp_path / "out")])
+    rc = cli.main(["run", str(tmp_path / "t.parquet"), "--model", str(tiny_safetensors), "--output", str(tmp_path / "out")])
     assert rc == 2
     err = capsys.readouterr().err
     assert message in err and "t.parquet" in err
@@ -165,12 +165,12 @@ def test_unknown_sampler_flag_fails_before_anything_is_written(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_prompt_column_fails_before_anything_starts(tmp_path):
+def test_missing_prompt_column_fails_before_anything_starts(tmp_path, tiny_safetensors):
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "t.parquet")
     # RAY_ADDRESS points nowhere: reaching Ray would hang or fail differently
     env = dict(os.environ, RAY_ADDRESS="127.0.0.1:9")
     proc = subprocess.run([sys.executable, "-m", "sdbatch.jobs", "run", str(tmp_path / "t.parquet"),
-                           "--model", "missing.safetensors", "--output", str(tmp_path / "out")],
+                           "--model", str(tiny_safetensors), "--output", str(tmp_path / "out")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "has no 'prompt' column (its columns: text)" in proc.stderr and "t.parquet" in proc.stderr

@@ -49,6 +49,9 @@ def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
     run.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="auto: float16 on CUDA, bfloat16 on CPUs with fast bf16, else float32")
+    run.add_argument("--no-ema", dest="ema", action="store_false",
+                     help="a full checkpoint's raw U-Net weights instead of its EMA weights (the default); "
+                          "diffusers and AUTOMATIC1111 use the raw ones")
     run.add_argument("--overwrite", action="store_true", help="delete OUT's previous outputs first")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--metrics", action="store_true",
@@ -92,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # `run` reports what it recorded itself; here nothing had started
+        print("interrupted", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as exc:
         message = missing_extra_message(exc, f"python -m sdbatch.jobs {args.command}")
         if message is None:

@@ -71,12 +71,63 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or "local", logging_level="WARNING", log_to_driver=True)
+    quiet_ray_logs()
+    ray.init(address=address or "local", logging_level="ERROR", log_to_driver=True)
     try:
-        yield
+        with native_stderr_to(os.path.join(ray._private.worker._global_node.get_logs_dir_path(),
+                                           f"sdbatch-driver-{os.getpid()}.err")):
+            yield
     finally:
         if not address:
             ray.shutdown()
+
+
+def quiet_ray_logs() -> None:
+    """Keep Ray's Python notices (the token notice, Ray Data's progress-bar and execution notes)
+    off the user's terminal; Ray's log folder keeps its own logs. sdbatch's progress, the
+    exceptions of failed tasks and the actors' own messages (log_to_driver) still show."""
+    import logging
+
+    import ray.data  # noqa: F401  (configures its loggers on import: set the levels after that)
+
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("ray.data."):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def native_stderr_to(path: str) -> Iterator[None]:
+    """For the block, what native code writes to file descriptor 2 (Ray's C++ core worker copies
+    its error lines there, e.g. "constructor arguments in the object store") goes to `path` in
+    Ray's log folder, while Python's sys.stderr (progress, errors) still goes to the terminal."""
+    python_stderr = sys.stderr
+    python_stderr.flush()
+    try:
+        on_fd2 = python_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # replaced by a capture object: leave it as it is
+        on_fd2 = False
+    try:
+        log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        yield
+        return
+    saved = os.dup(2)
+    if on_fd2:
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=python_stderr.encoding or "utf-8",
+                               errors="backslashreplace")
+    os.dup2(log, 2)
+    os.close(log)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if on_fd2:
+            sys.stderr.close()
+            sys.stderr = python_stderr
 
 
 @dataclass

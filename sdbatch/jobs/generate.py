@@ -22,8 +22,10 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+from sdbatch import storage
 from sdbatch.errors import JobError
 from sdbatch.jobs.common import Pool, Progress, actor_pool, now, ray_session, versions
 from sdbatch.jobs.output import Output, Recorder, counts, errors_table, summary
@@ -54,7 +56,7 @@ def generate_on_ray(args, out: Output, work: list[list[dict[str, Any]]], recorde
         GenerationActor, compute=compute, batch_size=1, batch_format="pyarrow",
         num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus,
         fn_constructor_kwargs=dict(model=args.model, output=out.uri, dtype=args.dtype,
-                                   device="auto" if pool.num_gpus else "cpu", threads=pool.threads,
+                                   device="auto" if pool.num_gpus else "cpu", threads=pool.threads, ema=args.ema,
                                    inception_weights=features.actor_weights() if features else None,
                                    safeguards=dataclasses.replace(args.safeguards, blocklist=None)),
         **({"runtime_env": {"env_vars": env}} if env else {}))
@@ -101,9 +103,39 @@ def block_prompts(plan, blocklist) -> None:
     plan.rows = kept
 
 
+def check_model(model: str) -> tuple[str, str | None]:
+    """The model source the actors get, and its sha256 when it is local, checked before anything
+    starts. A relative path is made absolute here, on the driver (under `ray job submit` that is the
+    uploaded --working-dir, which leaves out what .gitignore ignores). Raises JobError naming the
+    input and the reason."""
+    from sdbatch.model.weights import CheckpointError, checkpoint_hash
+
+    protocol, _, rest = model.partition("://")
+    if rest and protocol not in ("file", "local"):
+        fs, path = storage.url_to_fs(model)
+        if not storage.exists(fs, path):
+            raise JobError(f"--model {model}: not found")
+        return model, None
+    given = Path(rest or model).expanduser()
+    path = given.resolve()
+    where = "" if given.is_absolute() else f" (relative to {os.getcwd()}, where the job runs)"
+    if not path.exists():
+        raise JobError(f"--model {model}: no such file or folder{where}. Under `ray job submit`, "
+                       f"--working-dir uploads only files that .gitignore does not ignore: give the "
+                       f"model's absolute path on the cluster's nodes, or a URI (s3://...)")
+    if not os.access(path, os.R_OK):
+        raise JobError(f"--model {model}: permission denied{where}")
+    try:
+        return str(path), checkpoint_hash(path)
+    except (CheckpointError, OSError) as exc:
+        raise JobError(f"--model {model}: {exc}") from None
+
+
 def generation_settings(args) -> dict[str, Any]:
-    return dict(model=args.model, steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
-                width=args.width, height=args.height, seed=args.seed, dtype=args.dtype)
+    """What an OUT's images depend on; the model as its sha256 when known (so the same weights by
+    another path are the same model), else its URI."""
+    return dict(model=args.model_hash or args.model, steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
+                width=args.width, height=args.height, seed=args.seed, dtype=args.dtype, ema=args.ema)
 
 
 def run_command(args) -> int:
@@ -111,6 +143,7 @@ def run_command(args) -> int:
 
     if args.sampler not in SAMPLERS:
         raise JobError(f"--sampler {args.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+    args.model, args.model_hash = check_model(args.model)
     out = Output(args.output)
     settings = generation_settings(args)
     blocklist = check_safeguards(args)
@@ -139,13 +172,14 @@ def run_command(args) -> int:
     if new_errors:
         out.write_part("errors", errors_table(new_errors, table))
         failed |= {e["id"] for e in new_errors}
-    args.expected_hash = (previous or {}).get("model_hash")
-    run = dict(settings=settings, model_hash=args.expected_hash, prompts=args.prompts, rows=plan.total,
+    args.expected_hash = (previous or {}).get("model_hash") or args.model_hash
+    run = dict(settings=settings, model_hash=args.expected_hash, model_source=args.model, prompts=args.prompts,
+               rows=plan.total,
                batch_size=args.batch_size, workers=args.workers, versions=versions(),
                safeguards=dataclasses.asdict(args.safeguards),
                started=now(), finished=None)
-    out.write_run(run)
     table_ids = {r["id"] for r in plan.rows} | {e["id"] for e in plan.errors}
+    out.write_run(run)
     print(f"{plan.total} images planned: {len(done & table_ids)} already done, "
           f"{len(failed & table_ids)} failed, {len(todo)} to generate", file=sys.stderr)
     if args.metrics:  # weights and reference checked before any image is generated
@@ -153,15 +187,22 @@ def run_command(args) -> int:
 
         args.run_features = RunFeatures(args.inception_weights, args.reference, len(todo))
     if todo:
-        with ray_session(args.address):
-            recorder = Recorder(out, table, {r["id"]: r for r in todo})
-            progress = Progress(plan.total, plan.total - len(todo))
-            try:
-                pool = actor_pool(args.workers, args.gpus_per_worker)
-                generate_on_ray(args, out, work, recorder, progress, pool)
-            finally:
-                recorder.flush()
-                progress.close()
+        try:
+            with ray_session(args.address):
+                recorder = Recorder(out, table, {r["id"]: r for r in todo})
+                progress = Progress(plan.total, plan.total - len(todo))
+                try:
+                    pool = actor_pool(args.workers, args.gpus_per_worker)
+                    generate_on_ray(args, out, work, recorder, progress, pool)
+                finally:
+                    recorder.flush()  # what arrived is recorded, also on Ctrl-C
+                    progress.close()
+        except KeyboardInterrupt:
+            done, failed = counts(out, table_ids)
+            print(f"interrupted: {done} images and {failed} errors of {plan.total} rows are recorded in "
+                  f"{out.uri}; run the same command again to resume (it generates only the rest)",
+                  file=sys.stderr)
+            return 130
         run["model_hash"] = recorder.model_hash or run["model_hash"]
     run["finished"] = now()
     out.write_run(run)

@@ -25,6 +25,13 @@ COLUMN_KINDS = {
 RESERVED = ("image", "latent", "sha256", "model_hash", "seconds", "worker", "error", "row")
 PLAN_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler",
                 "width", "height", "init_image", "strength")
+# Bounds of plan-time values. Seeds are stored in the manifest as int64 (torch's generators take
+# any seed below 2**64, so the manifest is the tighter bound). num_images and the plan's total
+# bound the driver's memory (about 1 KB per planned image); sides bound a latent's size.
+MAX_SEED = 2**63 - 1
+MAX_NUM_IMAGES = 100_000
+MAX_PLAN_IMAGES = 20_000_000
+MAX_SIDE = 16_384
 
 
 # ----------------------------------------------------------------------------- reading the table
@@ -40,7 +47,8 @@ def table_files(uri: str):
     elif storage.exists(fs, path):
         files = [path]
     else:
-        raise JobError(f"prompt table {uri} does not exist")
+        where = "" if "://" in uri or os.path.isabs(uri) else f" (relative to {os.getcwd()}, where the job runs)"
+        raise JobError(f"prompt table {uri} does not exist{where}")
     files = sorted(p for p in files if not os.path.basename(p).startswith((".", "_")))
     if not files:
         raise JobError(f"no Parquet files found at {uri}")
@@ -117,6 +125,8 @@ def _row_problems(r: dict[str, Any], samplers) -> list[str]:
     for name in ("width", "height"):
         if r[name] < 8 or r[name] % 8:
             problems.append(f"{name} {r[name]} is not a positive multiple of 8")
+        elif r[name] > MAX_SIDE:
+            problems.append(f"{name} {r[name]} is larger than {MAX_SIDE}")
     if not 1 <= r["steps"] <= 1000:
         problems.append(f"steps {r['steps']} is outside [1, 1000]")
     if r["sampler"] not in samplers:
@@ -129,8 +139,13 @@ def _row_problems(r: dict[str, Any], samplers) -> list[str]:
         problems.append(f"strength {r['strength']} with {r['steps']} steps leaves no step to run")
     if r["num_images"] is not None and r["num_images"] < 1:
         problems.append(f"num_images {r['num_images']} is less than 1")
-    if r["seed"] is not None and not 0 <= r["seed"] < 2**63:
+    if r["num_images"] is not None and r["num_images"] > MAX_NUM_IMAGES:
+        problems.append(f"num_images {r['num_images']} is more than {MAX_NUM_IMAGES} (one row's limit)")
+    if r["seed"] is not None and not 0 <= r["seed"] <= MAX_SEED:
         problems.append(f"seed {r['seed']} is outside [0, 2^63)")
+    elif r["seed"] is not None and r["num_images"] is not None and r["seed"] + r["num_images"] - 1 > MAX_SEED:
+        problems.append(f"seed {r['seed']} + num_images {r['num_images']} - 1 is past 2^63 - 1, the largest seed "
+                        f"the manifest can hold (seeds of a row's images are seed, seed+1, ...)")
     return problems
 
 
@@ -149,6 +164,10 @@ def make_plan(table, settings: dict[str, Any]) -> Plan:
     n = table.num_rows
     cols = {name: table.column(name).to_pylist() if name in table.column_names else [None] * n
             for name in COLUMN_KINDS}
+    planned = sum(k if k is not None and 0 < k <= MAX_NUM_IMAGES else 1 for k in cols["num_images"])
+    if planned > MAX_PLAN_IMAGES:
+        raise JobError(f"the table asks for {planned} images; one job plans at most {MAX_PLAN_IMAGES} "
+                       f"(split the table into several jobs)")
     plan, first_row = Plan(), {}
     for i in range(n):
         r = {name: cols[name][i] for name in COLUMN_KINDS}

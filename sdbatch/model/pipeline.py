@@ -26,10 +26,11 @@ class NonFiniteError(ValueError):
 
     rows: their indices in the batch (ascending). images: uint8 (B, H, W, 3), the whole batch; the
     listed rows are black placeholders that must never be used as images; the others are good.
+    latents: float32 (B, 4, H/8, W/8), the final latents (the listed rows' are not finite).
     """
 
-    def __init__(self, rows: list[int], images: np.ndarray, dtype: torch.dtype):
-        self.rows, self.images = rows, images
+    def __init__(self, rows: list[int], images: np.ndarray, dtype: torch.dtype, latents: np.ndarray | None = None):
+        self.rows, self.images, self.latents = rows, images, latents
         retried = "" if dtype == torch.float32 else f" in {str(dtype).removeprefix('torch.')} and again in float32"
         super().__init__(
             f"rows {rows} of the batch came out non-finite (NaN or inf){retried}: the model's weights or "
@@ -175,7 +176,7 @@ def generate(
                 schedule, cfg_scale, width, height, None if pixels is None else pixels[redo], progress, offload)
     if bad.any():
         images[bad] = 0
-        raise NonFiniteError(bad.nonzero()[0].tolist(), images, model.dtype)
+        raise NonFiniteError(bad.nonzero()[0].tolist(), images, model.dtype, latents)
     return (images, latents) if return_latents else images
 
 

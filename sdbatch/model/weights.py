@@ -246,6 +246,23 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return read_safetensors(path) if path.suffix == ".safetensors" else read_torch(path)
 
 
+def checkpoint_files(path: Path) -> tuple[Path, ...]:
+    """The weight files `load_model` reads for a local single file or diffusers folder, in the
+    order `StableDiffusion.hash` hashes them. Raises CheckpointError naming what is missing."""
+    if not path.is_dir():
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file or folder")
+        return (path,)
+    if not (path / "model_index.json").is_file():
+        raise CheckpointError(f"{path}: a folder without model_index.json is not a diffusers model")
+    return tuple(_diffusers_weight_file(path / name, tuple(stems)) for name, (_, _, *stems) in DIFFUSERS_COMPONENTS.items())
+
+
+def checkpoint_hash(path: str | os.PathLike) -> str:
+    """sha256 of a local checkpoint's weights without loading them: equals `load_model(path).hash`."""
+    return _sha256_files(checkpoint_files(Path(path)))
+
+
 def _sha256_files(files: tuple[Path, ...]) -> str:
     """sha256 of the files' bytes in order; remembered in the cache dir per (path, size, mtime)."""
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
