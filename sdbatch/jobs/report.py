@@ -253,6 +253,7 @@ def time_histogram(seconds: np.ndarray):
     """Binned here (numpy), so the page holds 60 bars, not a million values."""
     import plotly.graph_objects as go
 
+    seconds = seconds[np.isfinite(seconds)]
     counts, edges = np.histogram(seconds, bins=min(60, max(10, len(seconds) // 5)))
     fig = go.Figure(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges),
                            customdata=np.stack([edges[:-1], edges[1:]], axis=1),
@@ -523,6 +524,8 @@ def add_report_arguments(parser) -> None:
 
 
 def report_command(args) -> int:
+    """`python -m sdbatch.jobs report OUT`: exit status 0, or 2 for bad options or an OUT that is
+    no run (JobError)."""
     if args.sample < 1 or args.tsne_sample < 1:
         raise JobError("--sample and --tsne-sample must be at least 1")
     print(f"report: {write_report(args.output, args.sample, args.tsne_sample, args.seed)}", file=sys.stderr)
