@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from ray_fixtures import ray_head  # noqa: F401  (fixture)
 from sdbatch.jobs.cli import main
-from sdbatch.jobs.train import worker_seed
+from sdbatch.jobs.train_worker import worker_seed
 from sdbatch.jobs.train_data import decode_rows, make_batch
 from sdbatch.model.weights import PREFIXES, read_safetensors, save_random_checkpoint
 
