@@ -5,6 +5,7 @@ weights. The batch job over prompt tables is `python -m sdbatch.jobs`.
 """
 
 import argparse
+import dataclasses
 import os
 import random
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from sdbatch.extras import missing_extra_message
 from sdbatch.model.samplers import SAMPLERS
+from sdbatch.safeguards import add_arguments as add_safeguard_arguments
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -53,19 +55,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from sdbatch import generate, load_model
-    from sdbatch.a1111 import a1111_parameters, encode_png
+    from sdbatch.a1111 import a1111_parameters
     from sdbatch.images import read_image
     from sdbatch.model.pipeline import NonFiniteError
+    from sdbatch.safeguards import SafeguardSettings, Safeguards
 
     if args.output.suffix.lower() != ".png":
         raise ValueError(f"-o {args.output}: the output must be a .png file")
     if args.seed + args.num_images > 2**64:
         raise ValueError(f"--seed {args.seed}: seeds up to seed + num_images - 1 must stay below 2**64")
     init_image = None if args.init_image is None else read_image(args.init_image, f"--init-image {args.init_image}")
+    settings = SafeguardSettings.from_args(args)
+    blocklist = settings.check()  # bad files fail here, before the model loads
+    refused = blocklist.check(args.prompt, args.negative) if blocklist else None
+    if refused:
+        raise ValueError(f"{refused}: nothing generated")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     print(f"loading {args.model}", file=sys.stderr)
     model = load_model(args.model, device=args.device, dtype=dtype, ema=args.ema)
     print(f"model on {model.device}, {str(model.dtype).removeprefix('torch.')}, seed {args.seed}", file=sys.stderr)
+    guards = Safeguards(dataclasses.replace(settings, blocklist=None), device=str(model.device))
 
     paths = output_paths(args.output, args.num_images)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
         except NonFiniteError as e:
             images, bad = e.images, set(e.rows)
+        nsfw = guards.screen(images)  # before the watermark, as SD's scripts
         for k, (seed, image, path) in enumerate(zip(seeds, images, paths[start:])):
             if k in bad:
                 failed.append(seed)
@@ -93,7 +103,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       f"{'' if model.dtype == torch.float32 else ' and again in float32'}: no image written",
                       file=sys.stderr)
                 continue
-            path.write_bytes(encode_png(image, a1111_parameters(dict(row, seed=seed), model.hash)))
+            if nsfw[k]:
+                failed.append(seed)
+                print(f"error: {path}: seed {seed}: the safety checker flagged the image: not written", file=sys.stderr)
+                continue
+            path.write_bytes(guards.mark(image, a1111_parameters(dict(row, seed=seed), model.hash), path.name).png)
             print(path)
     return 1 if failed else 0
 
@@ -133,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-ema", dest="ema", action="store_false",
                      help="a full checkpoint's raw U-Net weights, not its EMA weights (the default); "
                           "diffusers and AUTOMATIC1111 use the raw ones")
+    add_safeguard_arguments(gen)
     gen.set_defaults(handler=cmd_generate)
 
     smoke = sub.add_parser("make-smoke-model", help="write a random-weight SD v1.x checkpoint (tiny unless --full-size)")
