@@ -88,6 +88,8 @@ def browse(url: str, screenshot: Path | None = None, hover: bool = False) -> dic
                 links=page.evaluate("Array.from(document.querySelectorAll('a[href]:not([href^=\"#\"])'))"
                                     ".map(a => a.getAttribute('href'))"),
                 text=page.inner_text("body"))
+            if screenshot:  # before hovering scrolls the page (the sticky menu would be mid-page)
+                page.screenshot(path=str(screenshot), full_page=True)
             if hover:  # the first point of the latent PCA plot
                 point = page.locator("#latent .js-plotly-plot .scatterlayer .point").first
                 point.scroll_into_view_if_needed()
@@ -98,9 +100,6 @@ def browse(url: str, screenshot: Path | None = None, hover: bool = False) -> dic
                 page.wait_for_function("document.getElementById('hover-thumb').style.display === 'block'",
                                        timeout=10_000)
                 seen["hover_width"] = page.evaluate("document.querySelector('#hover-thumb img').naturalWidth")
-            if screenshot:
-                page.mouse.move(0, 0)
-                page.screenshot(path=str(screenshot), full_page=True)
             return seen
         finally:
             browser.close()
