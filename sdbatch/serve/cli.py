@@ -28,7 +28,11 @@ def add_serve_parser(sub) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    """Starts Ray Serve's HTTP proxy on host:port, deploys the app and serves until Ctrl-C."""
+    """Starts Ray Serve's HTTP proxy on host:port, deploys the app and serves until Ctrl-C or
+    SIGTERM (e.g. `ray job stop`), which shut the app down; exit 0."""
+    import signal
+    import threading
+
     import ray
     from ray import serve
 
@@ -42,11 +46,10 @@ def serve_command(args: argparse.Namespace) -> int:
     serve.run(app, name="sdbatch", route_prefix="/")
     print(f"serving on http://{args.host}:{args.port}/ (API: /sdapi/v1/, docs: /docs); Ctrl-C stops",
           file=sys.stderr)
-    try:
-        while True:
-            import time
-
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("stopping", file=sys.stderr)
+    serve.delete("sdbatch")
     return 0
