@@ -67,6 +67,12 @@ def read_prompts(uri: str | None) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (workers run in other folders); other URIs as they are."""
+    fs, path = storage.url_to_fs(uri)
+    return storage.to_uri(fs, path)
+
+
 def train_settings(args) -> dict[str, Any]:
     """What the trained weights depend on: a re-run into OUT must give the same."""
     from sdbatch.model.training import CONFIGS
@@ -89,7 +95,8 @@ def train_settings(args) -> dict[str, Any]:
     if args.learning_rate <= 0 or args.warmup_steps < 0:
         raise JobError("--learning-rate must be positive and --warmup-steps not negative")
     return dict(
-        data=args.data, caption_column=args.caption_column, init=args.init, config=args.config, parts=parts,
+        data=args.data, caption_column=args.caption_column, init=args.init and absolute(args.init),
+        config=args.config, parts=parts,
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, resolution=args.resolution,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
@@ -218,7 +225,7 @@ def train_command(args) -> int:
 
     settings = train_settings(args)
     groups, rows = plan_row_groups(args.data, args.caption_column)
-    out = Output(args.output)
+    out = Output(absolute(args.output))
     record_path = out.path("train.json")
     previous = json.loads(storage.read_bytes(out.fs, record_path)) if storage.exists(out.fs, record_path) else None
     if previous and previous["settings"] != settings and not args.overwrite:
