@@ -143,6 +143,20 @@ def test_checker_reads_back_the_generators_truth(rows):
     assert adherence.check(big, shapes.prompt_text(truth))["all_correct"]
 
 
+def test_checker_tolerates_blur_and_noise(rows):
+    """Generated pictures are not crisp: a Gaussian blur (radius 1.5 px) plus noise (sigma 20)
+    must not change what the checker reads."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(0)
+    right = []
+    for row in rows[100:160]:
+        blurred = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).filter(ImageFilter.GaussianBlur(1.5)))
+        noisy = np.clip(blurred + rng.normal(0, 20, blurred.shape), 0, 255).astype(np.uint8)
+        right.append(adherence.check(noisy, shapes.prompt_text(row_attributes(row)))["all_correct"])
+    assert np.mean(right) >= 0.95
+
+
 def _mismatches(truth: Attributes) -> list[tuple[str, Attributes]]:
     """One wrong prompt per attribute (size without position, since large shapes are centred)."""
     out = [("shape", replace(truth, shape=next(s for s in shapes.SHAPES if s != truth.shape))),
