@@ -87,13 +87,15 @@ class Generator:
                 "dtype": str(self.model.dtype).removeprefix("torch."), "version": f"sdbatch {sdbatch.__version__}"}
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, batch_size_fn=lambda jobs: sum(len(j.rows) for j in jobs))
-    async def generate(self, jobs: list[Job]) -> list[list[bytes]]:
+    async def generate(self, jobs: list[Job]) -> list[list[bytes | None]]:
         # In a thread: the event loop keeps taking requests (the next batch forms meanwhile).
         return await asyncio.to_thread(self._generate, jobs)
 
-    def _generate(self, jobs: list[Job]) -> list[list[bytes]]:
+    def _generate(self, jobs: list[Job]) -> list[list[bytes | None]]:
+        """Each job's PNGs in row order; None for a row that came out non-finite (NaN/inf)."""
         import sdbatch
         from sdbatch.a1111 import encode_png
+        from sdbatch.model.pipeline import NonFiniteError
         from sdbatch.serve.a1111_api import png_parameters
 
         rows = [(j, k) for j, job in enumerate(jobs) for k in range(len(job.rows))]
@@ -108,13 +110,17 @@ class Generator:
                 first = batch[0]
                 self.state["per_call"] = len(batch)
                 init = None if not first["init_image"] else [jobs[j].init_images[k] for j, k in group]
-                images = sdbatch.generate(
-                    self.model, [r["prompt"] for r in batch], [r["negative_prompt"] for r in batch],
-                    seeds=[r["seed"] for r in batch], steps=first["steps"], cfg_scale=first["cfg_scale"],
-                    sampler=first["sampler"], width=first["width"], height=first["height"], init_images=init,
-                    strength=first["strength"], progress=False)
-                for (j, k), row, image in zip(group, batch, images):
-                    out[j][k] = encode_png(image, png_parameters(row, self.model.hash))
+                bad: set[int] = set()
+                try:
+                    images = sdbatch.generate(
+                        self.model, [r["prompt"] for r in batch], [r["negative_prompt"] for r in batch],
+                        seeds=[r["seed"] for r in batch], steps=first["steps"], cfg_scale=first["cfg_scale"],
+                        sampler=first["sampler"], width=first["width"], height=first["height"], init_images=init,
+                        strength=first["strength"], progress=False)
+                except NonFiniteError as exc:  # only those rows' requests fail, not their batch mates'
+                    images, bad = exc.images, set(exc.rows)
+                for i, ((j, k), row, image) in enumerate(zip(group, batch, images)):
+                    out[j][k] = None if i in bad else encode_png(image, png_parameters(row, self.model.hash))
         finally:
             self.state = None
             self._post(force=True)
@@ -168,7 +174,8 @@ class Ingress:
 
     async def run(self, req: Txt2ImgRequest) -> dict[str, Any]:
         """Checks the request (RequestError), generates its images (split into calls of at most
-        max_batch_size images, batched with other requests' calls) and builds A1111's answer."""
+        max_batch_size images, batched with other requests' calls) and builds A1111's answer.
+        An image that comes out non-finite fails its request only: RequestError, status 500."""
         from sdbatch.serve.a1111_api import answer, make_job
 
         job = make_job(req, self.limits)
@@ -177,7 +184,12 @@ class Ingress:
             parts = await asyncio.gather(*[self.generator.generate.remote(c) for c in job.chunks(self.max_batch_size)])
         finally:
             self.pending -= 1
-        return answer(req, job, [png for part in parts for png in part], await self.model())
+        pngs = [png for part in parts for png in part]
+        failed = [row["seed"] for row, png in zip(job.rows, pngs) if png is None]
+        if failed:  # the model overflowed (see sdbatch.model.pipeline.NonFiniteError): no black images
+            raise RequestError("seed", f"the images of seeds {failed} came out non-finite (NaN or inf), also "
+                               "in float32: this model overflows with these settings", status=500)
+        return answer(req, job, pngs, await self.model())
 
     async def progress(self) -> dict[str, Any]:
         """A1111's /sdapi/v1/progress over all replicas: progress of the batches running now."""
