@@ -1,6 +1,7 @@
 """The A1111-compatible service on real Ray Serve, driven by the `webuiapi` client from PyPI as its
 README shows, and by plain HTTP for what a client library would not send: images equal
-`sdbatch.generate`'s for the same settings and seeds, concurrent load, and bad requests."""
+`sdbatch.generate`'s for the same settings and seeds, concurrent load, bad requests, and the
+safeguards (blocked prompts, a flagged image, the watermark and XMP on the others)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from PIL import Image
 
 import sdbatch
 from sdbatch.a1111 import a1111_parameters
+from sdbatch.provenance import TRAINED_ALGORITHMIC_MEDIA, add_watermark, read_watermark
 
-from serve_fixtures import served  # noqa: F401  (fixture)
+from serve_fixtures import FLAGGED, flagged_images, served  # noqa: F401  (fixture)
+from test_safeguards_job import bit_accuracy
 
 SIZE = 64
 
@@ -49,6 +52,9 @@ def test_webuiapi_txt2img_equals_generate(served, api):  # noqa: F811
         assert image.info["parameters"] == a1111_parameters(row, served.model.hash) == result.info["infotexts"][i]
     assert result.parameters["prompt"] == "a red cube" and result.parameters["batch_size"] == 2
     assert not np.array_equal(want[0], want[1])
+    # safeguards on: nothing flagged; 64x64 is too small for the watermark; XMP on every PNG
+    assert result.info["nsfw"] == result.info["watermark"] == result.info["c2pa"] == [False] * 4
+    assert all(TRAINED_ALGORITHMIC_MEDIA.encode() in image.info["xmp"] for image in result.images)
 
 
 @pytest.mark.parametrize("sampler_name, scheduler, ours", [
@@ -198,3 +204,52 @@ def test_cli_and_builder_reject_bad_arguments(capsys):
         build({"model": "nowhere.safetensors"})
     with pytest.raises(ValueError, match="replicas='many'"):
         build({"model": __file__, "replicas": "many"})
+    with pytest.raises(ValueError, match="nowhere.txt: cannot read the blocklist"):
+        build({"model": __file__, "blocklist": "nowhere.txt"})
+    with pytest.raises(ValueError, match="no_watermark='maybe'"):
+        build({"model": __file__, "no_watermark": "maybe"})
+    with pytest.raises(ValueError, match="--c2pa-cert and --c2pa-key go together"):
+        build({"model": __file__, "c2pa_cert": __file__})
+
+
+@pytest.mark.parametrize("fields, field, rule, line", [
+    ({"prompt": "a Red  Car on a bridge"}, "prompt", "'red car'", 2),
+    ({"negative_prompt": "a forbidden   thing"}, "negative_prompt", "'re:forbidden\\\\s+thing'", 3),
+])
+def test_blocked_prompt_is_refused_naming_the_rule(served, fields, field, rule, line):  # noqa: F811
+    """422 naming the rule, nothing generated; a request sent with it is answered as usual."""
+    ok = dict(prompt="a quiet street", seed=5, steps=2, width=SIZE, height=SIZE, sampler_name="Euler")
+    blocked = dict(ok, **fields)
+    with ThreadPoolExecutor(2) as pool:
+        refused, answered = pool.map(lambda body: requests.post(f"{served.url}/sdapi/v1/txt2img", json=body,
+                                                                timeout=300), [blocked, ok])
+    assert refused.status_code == 422, refused.text
+    (detail,) = refused.json()["detail"]
+    assert detail["loc"] == ["body", field], detail
+    assert f"matches blocklist rule {rule} ({served.blocklist}, line {line}): nothing generated" in detail["msg"]
+    assert answered.status_code == 200 and len(answered.json()["images"]) == 1
+
+
+def test_flagged_image_left_out_and_the_kept_one_marked(served, api):  # noqa: F811
+    """FLAGGED's seed and the next in one request: the flagged image is not returned (info.nsfw
+    says which), the other carries the watermark (read back), XMP and its parameters."""
+    f = FLAGGED
+    result = api.txt2img(prompt=f["prompt"], seed=f["seed"], steps=f["steps"], sampler_name="Euler",
+                         width=f["size"], height=f["size"], batch_size=2, cfg_scale=7)
+    info = result.info
+    assert info["all_seeds"] == [f["seed"], f["seed"] + 1]
+    assert info["nsfw"] == [True, False] and info["watermark"] == [False, True] and info["c2pa"] == [False, False]
+    (image,) = result.images
+    assert image.info["parameters"] == info["infotexts"][1] and f"Seed: {f['seed'] + 1}," in info["infotexts"][1]
+    assert TRAINED_ALGORITHMIC_MEDIA.encode() in image.info["xmp"]
+    flagged, kept = flagged_images(served.model)
+    pixels = np.asarray(image.convert("RGB"))
+    assert bit_accuracy(read_watermark(pixels)) >= 0.9
+    assert bit_accuracy(read_watermark(kept)) < 0.75  # unmarked: about half the bits
+    assert np.array_equal(pixels, add_watermark(kept))  # seed + 1's image, marked
+    assert not np.array_equal(pixels, add_watermark(flagged))
+    # alone, the flagged image leaves an empty answer (and a plain HTTP client sees the same)
+    r = requests.post(f"{served.url}/sdapi/v1/txt2img", timeout=300, json=dict(
+        prompt=f["prompt"], seed=f["seed"], steps=f["steps"], sampler_name="Euler", width=f["size"],
+        height=f["size"]))
+    assert r.status_code == 200 and r.json()["images"] == [] and json.loads(r.json()["info"])["nsfw"] == [True]

@@ -284,8 +284,13 @@ def png_parameters(row: dict[str, Any], model_hash: str) -> str:
     return a1111_parameters(row, model_hash)
 
 
-def answer(req: Txt2ImgRequest, job: Job, pngs: list[bytes], model: dict[str, str]) -> dict[str, Any]:
-    """A1111's answer: {images: [base64 PNG], parameters: the request, info: JSON string}."""
+def answer(req: Txt2ImgRequest, job: Job, outputs: list, model: dict[str, str]) -> dict[str, Any]:
+    """A1111's answer: {images: [base64 PNG], parameters: the request, info: JSON string}.
+
+    outputs: one `sdbatch.safeguards.Output` per row. An image the safety checker flagged is left
+    out of `images` (which then holds the kept ones, in row order); info's per-row lists `nsfw`,
+    `watermark` and `c2pa` (beside `all_seeds`) say which rows were left out and how the others
+    are marked."""
     rows, first = job.rows, job.rows[0]
     parameters = req.model_dump()
     if isinstance(req, Img2ImgRequest):
@@ -304,6 +309,8 @@ def answer(req: Txt2ImgRequest, job: Job, pngs: list[bytes], model: dict[str, st
         "index_of_first_image": 0, "infotexts": [png_parameters(r, model["hash"]) for r in rows],
         "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
         "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": model["version"],
+        "nsfw": [o.nsfw for o in outputs], "watermark": [o.watermark for o in outputs],
+        "c2pa": [o.c2pa for o in outputs],
     }
-    images = [base64.b64encode(p).decode() for p in pngs] if req.send_images else []
+    images = [base64.b64encode(o.png).decode() for o in outputs if o.png is not None] if req.send_images else []
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}

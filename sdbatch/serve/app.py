@@ -8,11 +8,18 @@ speaks AUTOMATIC1111's web API and serves the web page at `/`.
 import. Its args (strings, as a config file's `args:` gives them): model (required), replicas
 (N, "auto", or default one per GPU / one on CPU), max_batch_size (images per model call,
 default 8 on GPU, 4 on CPU), batch_wait_timeout_s (0.05), dtype ("auto"), max_pixels, max_images,
-max_steps (see `a1111_api.Limits`).
+max_steps (see `a1111_api.Limits`), and the safeguard options of `jobs run` and `generate`
+(`SAFEGUARD_ARGS`: safety_checker, blocklist, no_watermark, c2pa_cert, c2pa_key; see
+`sdbatch.safeguards`).
+
+Safeguards: the ingress refuses a prompt the blocklist matches (422 naming the rule) before
+anything is generated; a model replica screens each batch with the safety checker on its device,
+then marks the kept images (watermark, XMP, C2PA) in a thread of its own, off the batch loop.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import itertools
@@ -22,9 +29,12 @@ from typing import Any
 
 from ray import serve
 
-from sdbatch.serve.a1111_api import Img2ImgRequest, Job, Limits, RequestError, Txt2ImgRequest, shape_key
+from sdbatch.safeguards import Output, SafeguardSettings, Safeguards
+from sdbatch.serve.a1111_api import Job, Limits, RequestError, Txt2ImgRequest, shape_key
 
 BOARD = "sdbatch-serve-progress"
+# build()'s args for the safeguards: the dests of `sdbatch.safeguards.add_arguments`
+SAFEGUARD_ARGS = ("safety_checker", "blocklist", "no_watermark", "c2pa_cert", "c2pa_key")
 
 
 class ProgressBoard:
@@ -57,10 +67,12 @@ def _steps_run(row: dict[str, Any]) -> int:
 class Generator:
     """One model replica. Calls to `generate` that arrive together are batched (Ray Serve's
     dynamic batching, up to max_batch_size images); the batch is split by shape and each part is
-    one `sdbatch.generate` call, so every image equals what `generate` makes for its seed."""
+    one `sdbatch.generate` call, so every image equals what `generate` makes for its seed. The
+    replica's safeguards (all but the blocklist, which the ingress applies) screen and mark them."""
 
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", threads: int | None = None,
-                 max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05):
+                 max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05,
+                 safeguards: SafeguardSettings | None = None):
         import torch
 
         import sdbatch
@@ -69,8 +81,10 @@ class Generator:
             torch.set_num_threads(threads)
         self.model = sdbatch.load_model(model, device=device, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
         self.source = model
-        self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.guards = Safeguards(dataclasses.replace(safeguards or SafeguardSettings(), blocklist=None),
+                                 device=str(self.model.device))
+        self._batch.set_max_batch_size(max_batch_size)
+        self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.board = None
         self.state: dict[str, Any] | None = None
@@ -86,21 +100,35 @@ class Generator:
                 "hash": self.model.hash, "filename": self.source, "device": str(self.model.device),
                 "dtype": str(self.model.dtype).removeprefix("torch."), "version": f"sdbatch {sdbatch.__version__}"}
 
+    async def generate(self, job: Job) -> list[Output | None]:
+        """The job's images in row order, after the safeguards (`sdbatch.safeguards.Output`: png
+        None for an image the safety checker flagged); None for a row that came out non-finite."""
+        made = await self._batch(job)
+        # Marking (watermark, PNG, C2PA) in a thread outside the batch: the next batch can start.
+        return await asyncio.to_thread(self._mark, job, made)
+
+    def _mark(self, job: Job, made: list[tuple | None]) -> list[Output | None]:
+        from sdbatch.serve.a1111_api import png_parameters
+
+        stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(job.created))
+        return [None if m is None else Output(None, True, False, False) if m[1] else
+                self.guards.mark(m[0], png_parameters(row, self.model.hash), f"{stamp}-{row['seed']}.png")
+                for row, m in zip(job.rows, made)]
+
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, batch_size_fn=lambda jobs: sum(len(j.rows) for j in jobs))
-    async def generate(self, jobs: list[Job]) -> list[list[bytes | None]]:
+    async def _batch(self, jobs: list[Job]) -> list[list[tuple | None]]:
         # In a thread: the event loop keeps taking requests (the next batch forms meanwhile).
         return await asyncio.to_thread(self._generate, jobs)
 
-    def _generate(self, jobs: list[Job]) -> list[list[bytes | None]]:
-        """Each job's PNGs in row order; None for a row that came out non-finite (NaN/inf)."""
+    def _generate(self, jobs: list[Job]) -> list[list[tuple | None]]:
+        """Each job's (uint8 (H, W, 3) image, flagged by the safety checker) in row order; None for
+        a row that came out non-finite (NaN/inf)."""
         import sdbatch
-        from sdbatch.a1111 import encode_png
         from sdbatch.model.pipeline import NonFiniteError
-        from sdbatch.serve.a1111_api import png_parameters
 
         rows = [(j, k) for j, job in enumerate(jobs) for k in range(len(job.rows))]
         rows.sort(key=lambda jk: shape_key(jobs[jk[0]].rows[jk[1]]))
-        out: list[list[bytes | None]] = [[None] * len(job.rows) for job in jobs]
+        out: list[list[tuple | None]] = [[None] * len(job.rows) for job in jobs]
         groups = [list(g) for _, g in itertools.groupby(rows, key=lambda jk: shape_key(jobs[jk[0]].rows[jk[1]]))]
         total = sum(_steps_run(jobs[g[0][0]].rows[g[0][1]]) * len(g) for g in groups)
         self.state = {"step": 0, "steps": total, "images": len(rows), "started": time.time()}
@@ -119,8 +147,9 @@ class Generator:
                         strength=first["strength"], progress=False)
                 except NonFiniteError as exc:  # only those rows' requests fail, not their batch mates'
                     images, bad = exc.images, set(exc.rows)
-                for i, ((j, k), row, image) in enumerate(zip(group, batch, images)):
-                    out[j][k] = None if i in bad else encode_png(image, png_parameters(row, self.model.hash))
+                nsfw = self.guards.screen(images)  # on the model's device, before the watermark
+                for i, ((j, k), image) in enumerate(zip(group, images)):
+                    out[j][k] = None if i in bad else (image, bool(nsfw[i]))
         finally:
             self.state = None
             self._post(force=True)
@@ -151,12 +180,14 @@ class Generator:
 class Ingress:
     """HTTP: the A1111 API under /sdapi/v1/ and the Gradio page at /."""
 
-    def __init__(self, generator, max_batch_size: int = 4, limits: Limits | None = None):
+    def __init__(self, generator, max_batch_size: int = 4, limits: Limits | None = None,
+                 safeguards: SafeguardSettings | None = None):
         import ray
 
         self.generator = generator
         self.max_batch_size = max_batch_size
         self.limits = limits or Limits()
+        self.guards = Safeguards(SafeguardSettings(blocklist=(safeguards or SafeguardSettings()).blocklist))
         self.pending = 0
         self._model: dict[str, str] | None = None
         self.board = ray.remote(num_cpus=0)(ProgressBoard).options(
@@ -173,23 +204,28 @@ class Ingress:
         return self._model
 
     async def run(self, req: Txt2ImgRequest) -> dict[str, Any]:
-        """Checks the request (RequestError), generates its images (split into calls of at most
-        max_batch_size images, batched with other requests' calls) and builds A1111's answer.
-        An image that comes out non-finite fails its request only: RequestError, status 500."""
+        """Checks the request (RequestError; a prompt the blocklist matches: 422 naming the rule,
+        nothing generated), generates its images (split into calls of at most max_batch_size
+        images, batched with other requests' calls) and builds A1111's answer. An image that comes
+        out non-finite fails its request only: RequestError, status 500."""
         from sdbatch.serve.a1111_api import answer, make_job
 
         job = make_job(req, self.limits)
+        refused = self.guards.check_prompt(req.prompt, req.negative_prompt)
+        if refused:
+            field = "prompt" if self.guards.check_prompt(req.prompt, None) else "negative_prompt"
+            raise RequestError(field, f"{refused}: nothing generated")
         self.pending += 1
         try:
             parts = await asyncio.gather(*[self.generator.generate.remote(c) for c in job.chunks(self.max_batch_size)])
         finally:
             self.pending -= 1
-        pngs = [png for part in parts for png in part]
-        failed = [row["seed"] for row, png in zip(job.rows, pngs) if png is None]
+        outputs = [o for part in parts for o in part]
+        failed = [row["seed"] for row, o in zip(job.rows, outputs) if o is None]
         if failed:  # the model overflowed (see sdbatch.model.pipeline.NonFiniteError): no black images
             raise RequestError("seed", f"the images of seeds {failed} came out non-finite (NaN or inf), also "
                                "in float32: this model overflows with these settings", status=500)
-        return answer(req, job, pngs, await self.model())
+        return answer(req, job, outputs, await self.model())
 
     async def progress(self) -> dict[str, Any]:
         """A1111's /sdapi/v1/progress over all replicas: progress of the batches running now."""
@@ -214,6 +250,30 @@ def _arg(args: dict[str, Any], name: str, kind, default):
         raise ValueError(f"serve argument {name}={value!r}: expected {kind.__name__}") from None
 
 
+def _flag(args: dict[str, Any], name: str) -> bool:
+    value = args.get(name) or False
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    if not isinstance(value, bool):
+        raise ValueError(f"serve argument {name}={value!r}: expected true or false")
+    return value
+
+
+def safeguard_settings(args: dict[str, Any]) -> SafeguardSettings:
+    """The SafeguardSettings of build()'s args (`SAFEGUARD_ARGS`; local paths made absolute, as the
+    replicas may run in another folder), checked as `jobs run` checks them: raises ValueError
+    (BlocklistError, CheckpointError, ProvenanceError) naming the bad file or argument."""
+    def where(name):
+        value = args.get(name)
+        return None if not value else str(value) if "://" in str(value) else os.path.abspath(str(value))
+
+    names = argparse.Namespace(**{k: where(k) for k in SAFEGUARD_ARGS if k != "no_watermark"},
+                               no_watermark=_flag(args, "no_watermark"))
+    settings = SafeguardSettings.from_args(names)
+    settings.check()
+    return settings
+
+
 def build(args: dict[str, Any]):
     """The application for `serve run sdbatch.serve.app:build model=...` and serve config files.
 
@@ -221,7 +281,7 @@ def build(args: dict[str, Any]):
     actor_pool`): one per GPU, or CPU replicas whose torch threads add up to the CPUs; with
     replicas=auto, Serve autoscales between 1 and what the cluster has or can add (64 when its
     autoscaler does not say). Raises ValueError for a missing model, a local model path that does
-    not exist, or a bad argument.
+    not exist, a bad argument, or a safeguard file that cannot be used (see `safeguard_settings`).
     """
     import ray
 
@@ -234,6 +294,7 @@ def build(args: dict[str, Any]):
     replicas = args.get("replicas")
     if replicas is not None and str(replicas) != "auto" and not (str(replicas).isdigit() and int(replicas) >= 1):
         raise ValueError(f"serve argument replicas={replicas!r}: expected a positive integer or 'auto'")
+    safeguards = safeguard_settings(args)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
     pool = actor_pool(None if replicas is None else str(replicas), None)
@@ -247,5 +308,5 @@ def build(args: dict[str, Any]):
         ray_actor_options={"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}, **scaling,
     ).bind(str(args["model"]), dtype=str(args.get("dtype", "auto")), device="auto" if pool.num_gpus else "cpu",
            threads=pool.threads, max_batch_size=max_batch_size,
-           batch_wait_timeout_s=_arg(args, "batch_wait_timeout_s", float, 0.05))
-    return Ingress.bind(generator, max_batch_size=max_batch_size, limits=limits)
+           batch_wait_timeout_s=_arg(args, "batch_wait_timeout_s", float, 0.05), safeguards=safeguards)
+    return Ingress.bind(generator, max_batch_size=max_batch_size, limits=limits, safeguards=safeguards)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sdbatch.safeguards import add_arguments as add_safeguard_arguments
+
 
 def _replicas(value: str) -> str:
     if value != "auto" and not (value.isdigit() and int(value) >= 1):
@@ -24,6 +26,7 @@ def add_serve_parser(sub) -> None:
                        help="images per model call, across requests (default: 8 on GPU, 4 on CPU)")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     serve.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_safeguard_arguments(serve)
     serve.set_defaults(handler=serve_command)
 
 
@@ -36,13 +39,14 @@ def serve_command(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from sdbatch.serve.app import build
+    from sdbatch.serve.app import SAFEGUARD_ARGS, build
 
     if not ray.is_initialized():
         ray.init(address=args.address, logging_level="WARNING")
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # built first: bad arguments and safeguard files fail before Serve starts
     app = build({"model": args.model, "replicas": args.replicas, "max_batch_size": args.max_batch_size,
-                 "dtype": args.dtype})
+                 "dtype": args.dtype, **{k: getattr(args, k) for k in SAFEGUARD_ARGS}})
+    serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="sdbatch", route_prefix="/")
     print(f"serving on http://{args.host}:{args.port}/ (API: /sdapi/v1/, docs: /docs); Ctrl-C stops",
           file=sys.stderr)

@@ -3,7 +3,9 @@ scripts, styles and fonts, so the page works offline).
 
 - Generate: prompt, negative prompt, seed, steps, guidance, sampler + scheduler, size, batch
   size, an optional init image with its strength; a progress bar while it runs; the images with
-  their parameters; PNG downloads that keep the `parameters` chunk.
+  their parameters; PNG downloads that keep the `parameters` chunk (and the safeguards' marks).
+  A prompt the blocklist refuses shows the API's 422 message; images the safety checker flags
+  are not shown (a warning says how many).
 - Browse a job: a `jobs run` output folder (local path or URI): thumbnails with their prompts,
   filtered by any manifest column, and the errors listed.
 """
@@ -104,14 +106,20 @@ def build_page(ingress):
         import json
 
         info = json.loads(result["info"])
+        kept = [i for i, flagged in enumerate(info["nsfw"]) if not flagged]  # the API leaves flagged ones out
         paths = []
-        for seed_i, data in zip(info["all_seeds"], result["images"]):
-            path = os.path.join(outputs_dir, f"{info['job_timestamp']}-{seed_i}.png")
+        for i, data in zip(kept, result["images"]):
+            path = os.path.join(outputs_dir, f"{info['job_timestamp']}-{info['all_seeds'][i]}.png")
             with open(path, "wb") as f:
                 f.write(base64.b64decode(data))
             paths.append(path)
-        gallery = [(p, text) for p, text in zip(paths, info["infotexts"])]
-        return gallery, "\n\n".join(info["infotexts"]), paths
+        gallery = [(p, info["infotexts"][i]) for p, i in zip(paths, kept)]
+        texts = [info["infotexts"][i] if i in kept else
+                 f"Seed {seed}: flagged by the safety checker, not shown" for i, seed in enumerate(info["all_seeds"])]
+        if len(kept) < len(info["nsfw"]):
+            gr.Warning(f"{len(info['nsfw']) - len(kept)} of {len(info['nsfw'])} images flagged by the safety "
+                       "checker: not shown")
+        return gallery, "\n\n".join(texts), paths
 
     def browse(uri, column, text):
         try:
