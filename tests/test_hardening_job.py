@@ -4,6 +4,7 @@ chatter, inputs checked before anything starts, and non-finite images never reco
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,6 +282,7 @@ def test_the_readme_ray_job_submit_block_works_pasted_into_a_fresh_shell(tmp_pat
         finally:
             if pidfile.exists():
                 stop_process_group(_Pid(int(pidfile.read_text())))
+            shutil.rmtree(temp, ignore_errors=True)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "succeeded" in run.stdout + run.stderr and "Missing authentication token" not in run.stderr
         assert pq.read_table(tmp_path / attempt.replace(" ", "-") / "manifest").num_rows == 2
