@@ -268,18 +268,17 @@ def test_cli_writes_to_s3(s3_endpoint, capsys):
     assert pq.read_table(io.BytesIO(body), use_threads=False).to_pylist() == shapes.build_table(5, 3).to_pylist()
 
 
-def test_proposed_model_config_fits_the_file_budget_and_loads(tmp_path):
+def test_shapes_model_config_fits_the_file_budget_and_loads(tmp_path):
     import torch
 
     import sdbatch
-    from sdbatch.data.recipe import MAX_FILE_BYTES, SHAPES_CONFIG
-    from sdbatch.model.training import export_checkpoint, new_model
+    from sdbatch.model.training import CONFIGS, export_checkpoint, new_model
 
     path = tmp_path / "shapes.safetensors"
-    export_checkpoint(new_model(SHAPES_CONFIG, seed=0), path, {})  # float32
-    assert path.stat().st_size <= MAX_FILE_BYTES
+    export_checkpoint(new_model("shapes", seed=0), path, {})  # float32
+    assert path.stat().st_size <= 25_000_000  # issue 14's cap on the built-in model's file
     model = sdbatch.load_model(path, dtype=torch.float32)
-    assert model.config == SHAPES_CONFIG  # the loader infers every size from the file
+    assert model.config == CONFIGS["shapes"]  # the loader infers every size from the file
     image = sdbatch.generate(model, ["a red circle on a blue background"], seeds=[0], steps=2, width=64, height=64,
                              progress=False)
     assert image.shape == (1, 64, 64, 3)

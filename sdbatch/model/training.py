@@ -19,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 from . import samplers
 from .export import export_checkpoint, write_diffusers_config
 from .tokenizer import Tokenizer
-from .unet import ResBlock, SpatialTransformer, UNetModel
-from .vae import AutoencoderKL
+from .clip import CLIPConfig
+from .unet import ResBlock, SpatialTransformer, UNetConfig, UNetModel
+from .vae import AutoencoderKL, VAEConfig
 from .weights import LATENT_SCALE, TINY_CONFIG, ModelConfig, StableDiffusion, load_model
 
 __all__ = [  # export_checkpoint and write_diffusers_config (from .export) close a training run
@@ -33,6 +34,18 @@ __all__ = [  # export_checkpoint and write_diffusers_config (from .export) close
 CONFIGS: dict[str, ModelConfig] = {
     "tiny": TINY_CONFIG,  # the tests' size: a few MB, 64x64 images train on a CPU in seconds
     "sd15": ModelConfig(),  # SD v1.5's size (860M-parameter U-Net)
+    # The built-in demo model (`builtin:shapes`): 64x64 images, 4x8x8 latents, 5.33M parameters,
+    # 21.3 MB in float32 (the issue's cap is 25 MB). CLIP's token embedding (49,408 ids x width)
+    # sets the floor, 3.16M at width 64. The U-Net (8x8 -> 4x4 -> 2x2, attention at 4x4 and 2x2,
+    # 1.69M) takes about 1 s per step at batch 32 on the 2-core CPU; a 64-channel U-Net with
+    # attention at 8x8 took 2.3x as long, too slow for a 2-hour recipe. The VAE (0.37M) is 32
+    # channels wide at full resolution, GroupNorm's 32 groups being the minimum.
+    "shapes": ModelConfig(
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
+                        context_dim=64),
+        vae=VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
+        text_encoder=CLIPConfig(width=64, layers=2, heads=1, mlp_width=256),
+    ),
 }
 
 
