@@ -1,7 +1,7 @@
 """The web page at `/`, in headless Chromium (Debian's `chromium`, driven by playwright-python
 with `executable_path`: no browser download): fill the form, generate, and check the image that
-appears equals the API's image for the same seed, byte for byte with its PNG metadata; browse a
-job's output folder. A screenshot of each view is kept (tests/screenshots/ with
+appears equals the API's image for the same seed, byte for byte with its PNG metadata; a blocked
+prompt shows the API's 422 message, a flagged image is not shown; browse a job's output folder. A screenshot of each view is kept (tests/screenshots/ with
 SDBATCH_KEEP_SCREENSHOTS=1, else the test's tmp folder)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 import sdbatch
 from sdbatch.a1111 import a1111_parameters, encode_png
 
-from serve_fixtures import served  # noqa: F401  (fixture)
+from serve_fixtures import FLAGGED, served  # noqa: F401  (fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)")
@@ -95,6 +95,38 @@ def test_generate_in_the_page_equals_the_api(page, served, tmp_path):  # noqa: F
                cfg_scale=6.5, width=64, height=64)
     assert Image.open(io.BytesIO(download_png)).info["parameters"] == a1111_parameters(row, served.model.hash)
     assert "Seed: 4242" in page.locator("#parameters textarea").input_value()
+
+
+def test_blocked_prompt_shows_the_apis_message(page, served, tmp_path):  # noqa: F811
+    _set(page, "prompt", "a red car at night")
+    _set(page, "width", 64)
+    _set(page, "height", 64)
+    page.click("#generate")
+    message = page.get_by_text("matches blocklist rule 'red car'")
+    message.first.wait_for(timeout=60_000)
+    assert f"prompt: the prompt matches blocklist rule 'red car' ({served.blocklist}, line 2): nothing generated" \
+        in message.first.inner_text()
+    assert page.locator("#gallery img").count() == 0
+    _screenshot(page, "serve_page_blocked.png", tmp_path)
+
+
+def test_flagged_image_is_not_shown(page, served, tmp_path):  # noqa: F811
+    f = FLAGGED
+    for elem_id, value in dict(prompt=f["prompt"], seed=f["seed"], steps=f["steps"], cfg=7, width=f["size"],
+                               height=f["size"], batch=2).items():
+        _set(page, elem_id, value)
+    page.locator("#sampler input").first.click()
+    page.get_by_role("option", name="Euler", exact=True).click()
+    page.click("#generate")
+    page.get_by_text("1 of 2 images flagged by the safety checker: not shown").first.wait_for(timeout=120_000)
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    assert page.locator("#gallery .thumbnail-item img, #gallery .preview img").count() >= 1
+    texts = page.locator("#parameters textarea").input_value()
+    assert f"Seed {f['seed']}: flagged by the safety checker, not shown" in texts
+    assert f"Seed: {f['seed'] + 1}," in texts
+    download = page.locator("#files a")
+    assert download.count() == 1 and download.first.get_attribute("href").endswith(f"-{f['seed'] + 1}.png")
+    _screenshot(page, "serve_page_flagged.png", tmp_path)
 
 
 def _job_folder(served, folder: Path) -> Path:  # noqa: F811
