@@ -316,16 +316,19 @@ def shard_items(spec: tuple) -> list[tuple[str, Any]]:
 
 
 def read_image(item: Any) -> np.ndarray:
-    """uint8 (H, W, 3) RGB from a URI or encoded bytes (converted like torch-fidelity: PIL .convert('RGB'))."""
-    from PIL import Image
+    """uint8 (H, W, 3) RGB from a URI or encoded bytes, read as a viewer shows it
+    (`sdbatch.images.read_image`: EXIF orientation, transparency onto white, first frame). For
+    plain RGB files this is torch-fidelity's PIL `.convert('RGB')`, pixel for pixel.
+    Raises ValueError (ImageReadError) naming the image when it cannot be read correctly."""
+    from sdbatch.images import read_image as read_rgb
 
     if item is None:
         raise ValueError("no image (null)")
+    name = item if isinstance(item, str) else None
     if isinstance(item, str):
         fs, path = storage.url_to_fs(item)
         item = storage.read_bytes(fs, path)
-    with Image.open(io.BytesIO(item)) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(read_rgb(item, name=name))
 
 
 def _prefetch(items: list[tuple[str, Any]], threads: int = 8, window: int = 64):
