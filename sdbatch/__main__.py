@@ -6,12 +6,12 @@ weights. The batch job over prompt tables is `python -m sdbatch.jobs`.
 
 import argparse
 import dataclasses
-import os
 import random
 import sys
 from pathlib import Path
 
-from sdbatch.extras import missing_extra_message
+from sdbatch.errors import exit_without_teardown
+from sdbatch.extras import report_missing_extra
 from sdbatch.model.samplers import SAMPLERS
 from sdbatch.safeguards import add_arguments as add_safeguard_arguments
 
@@ -172,17 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
-        message = missing_extra_message(e, f"python -m sdbatch {args.command}")
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return report_missing_extra(e, f"python -m sdbatch {args.command}")
 
 
 if __name__ == "__main__":
-    code = main()
-    # as `python -m sdbatch.jobs` does: no interpreter teardown, where native thread pools have
-    # aborted processes (exit 134) after the work was done
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_teardown(main())

@@ -2,6 +2,7 @@
 what to install (`pip install 'sdbatch[metrics]'`) instead of a ModuleNotFoundError traceback."""
 
 import re
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -60,3 +61,13 @@ def missing_extra_message(exc: ModuleNotFoundError, command: str) -> str | None:
         return None
     return (f"{command} needs the '{extra}' extra (module {exc.name!r} is not installed): "
             f"pip install 'sdbatch[{extra}]' (from a checkout: pip install -e '.[{extra}]')")
+
+
+def report_missing_extra(exc: ModuleNotFoundError, command: str) -> int:
+    """Prints the `error:` line naming the extra to install and returns exit status 2; re-raises
+    `exc` when the module belongs to no extra."""
+    message = missing_extra_message(exc, command)
+    if message is None:
+        raise exc
+    print(f"error: {message}", file=sys.stderr)
+    return 2

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from sdbatch.errors import JobError
-from sdbatch.extras import missing_extra_message
+from sdbatch.extras import report_missing_extra
 from sdbatch.jobs.generate import run_command, status_command
 from sdbatch.jobs.plan import DEFAULTS
 from sdbatch.jobs.report import add_report_arguments
@@ -99,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except ModuleNotFoundError as exc:
-        message = missing_extra_message(exc, f"python -m sdbatch.jobs {args.command}")
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return report_missing_extra(exc, f"python -m sdbatch.jobs {args.command}")
 
 
 if __name__ == "__main__":
