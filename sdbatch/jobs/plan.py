@@ -37,8 +37,9 @@ MAX_SIDE = 16_384
 # ----------------------------------------------------------------------------- reading the table
 
 
-def table_files(uri: str):
-    """(filesystem, sorted Parquet files) for a file, a folder (searched recursively) or a glob."""
+def table_files(uri: str, what: str = "prompt table"):
+    """(filesystem, sorted Parquet files) for a file, a folder (searched recursively) or a glob.
+    Raises JobError, calling the input `what`, when it does not exist or holds no Parquet file."""
     fs, path = storage.url_to_fs(uri)
     if any(c in path for c in "*?["):
         files = [p for p in storage.retry(fs.glob, path) if storage.retry(fs.isfile, p)]
@@ -48,14 +49,16 @@ def table_files(uri: str):
         files = [path]
     else:
         where = "" if "://" in uri or os.path.isabs(uri) else f" (relative to {os.getcwd()}, where the job runs)"
-        raise JobError(f"prompt table {uri} does not exist{where}")
+        raise JobError(f"{what} {uri} does not exist{where}")
     files = sorted(p for p in files if not os.path.basename(p).startswith((".", "_")))
     if not files:
         raise JobError(f"no Parquet files found at {uri}")
     return fs, files
 
 
-def _type_ok(kind: str, t) -> bool:
+def type_ok(kind: str, t) -> bool:
+    """Whether Parquet type `t` holds `kind`: "string", "string or integer", "integer" or "number"
+    (dictionary-encoded and all-null columns included)."""
     import pyarrow as pa
 
     if pa.types.is_dictionary(t):
@@ -76,7 +79,7 @@ def check_schema(schema, source: str) -> None:
                        f"(its columns: {', '.join(schema.names) or 'none'})")
     for name in schema.names:
         kind = COLUMN_KINDS.get(name)
-        if kind and not _type_ok(kind, schema.field(name).type):
+        if kind and not type_ok(kind, schema.field(name).type):
             raise JobError(f"{source}: column '{name}' has type {schema.field(name).type}; "
                            f"it must be {kind}")
         if name in RESERVED:

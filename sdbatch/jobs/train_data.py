@@ -23,7 +23,7 @@ import numpy as np
 from sdbatch import storage
 from sdbatch.errors import JobError
 from sdbatch.jobs.output import Output, errors_table
-from sdbatch.jobs.plan import _type_ok, table_files
+from sdbatch.jobs.plan import type_ok, table_files
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,7 @@ def _image_kind(t) -> str | None:
         return "struct"
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
         return "binary"
-    if _type_ok("string", t) and not pa.types.is_null(t):
+    if type_ok("string", t) and not pa.types.is_null(t):
         return "path"
     return None
 
@@ -56,7 +56,7 @@ def check_table(schema, source: str, caption_column: str) -> None:
         raise JobError(f"{source}: column 'image' has type {schema.field(IMAGE_COLUMN).type}; it must be "
                        f"an image struct (bytes, path), binary, or a string path")
     for name, kind in ((caption_column, "string"), ("id", "string or integer")):
-        if name in schema.names and not _type_ok(kind, schema.field(name).type):
+        if name in schema.names and not type_ok(kind, schema.field(name).type):
             raise JobError(f"{source}: column {name!r} has type {schema.field(name).type}; it must be {kind}")
 
 
@@ -66,7 +66,7 @@ def plan_row_groups(data: str, caption_column: str) -> tuple[list[dict[str, Any]
     Raises JobError for missing or empty tables and bad columns."""
     import pyarrow.parquet as pq
 
-    fs, files = table_files(data)
+    fs, files = table_files(data, "training table")
     groups, first = [], 0
     for path in files:
         uri = storage.to_uri(fs, path)

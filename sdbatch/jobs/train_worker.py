@@ -84,16 +84,6 @@ def _objective():
     return Objective
 
 
-def checkpoint_unet_blocks(unet) -> None:
-    """Gradient checkpointing: each U-Net block recomputes its activations in the backward pass."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-
-    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
 # ----------------------------------------------------------------------------- on each worker
 
 
@@ -106,7 +96,7 @@ class Run:
         import torch
 
         from sdbatch.jobs.train_data import SampleStream
-        from sdbatch.model.training import EMA
+        from sdbatch.model.training import EMA, gradient_checkpointing_
 
         torch.set_num_threads(cfg["threads"])
         self.cfg = cfg
@@ -126,7 +116,7 @@ class Run:
         if checkpoint is not None:
             epoch, position = self.restore(checkpoint)
         if cfg["gradient_checkpointing"] and "unet" in cfg["parts"]:
-            checkpoint_unet_blocks(self.model.unet)
+            gradient_checkpointing_(self.model.unet)
         self.objective = ray.train.torch.prepare_model(_objective()(self.model, cfg), move_to_device=False)
         self.stream = SampleStream(ray.train.get_dataset_shard("train"), epoch, position)
         self.out = Output(cfg["output"])
