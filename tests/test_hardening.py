@@ -61,6 +61,20 @@ def test_exif_orientation_is_applied(tmp_path):
     assert (tensor.permute(1, 2, 0).add(1).mul(127.5) - torch.from_numpy(upright)).abs().mean() < 4
 
 
+
+def test_served_and_metrics_images_use_the_same_reader(tmp_path):
+    """img2img's base64 init images (serve) and FID's inputs (inception) come out upright too."""
+    import base64
+
+    from sdbatch.inception import read_image as read_for_metrics
+    from sdbatch.serve.a1111_api import decode_image
+
+    upright = quadrants()
+    path = jpeg_with_orientation(tmp_path / "phone.jpg", np.rot90(upright, 1).copy(), 6)
+    served = np.asarray(decode_image(base64.b64encode(path.read_bytes()).decode(), "init_images")).astype(int)
+    assert np.abs(served - upright).mean() < 4
+    assert np.array_equal(read_for_metrics(str(path)), np.asarray(read_image(path)))
+
 def test_bit_depths_palettes_and_modes(tmp_path):
     ramp = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "grey16.png")

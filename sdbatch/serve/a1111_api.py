@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import random
 import time
@@ -184,8 +183,9 @@ def check_unsupported(extra: dict[str, Any], sampler: str, txt2img: bool) -> Non
 
 
 def decode_image(text: str, name: str):
-    """Base64 (optionally `data:image/...;base64,`-prefixed) -> RGB PIL image; RequestError naming `name`."""
-    from PIL import Image
+    """Base64 (optionally `data:image/...;base64,`-prefixed) -> RGB PIL image, read as a viewer shows
+    it (`sdbatch.images.read_image`: orientation, transparency onto white); RequestError naming `name`."""
+    from sdbatch.images import ImageReadError, read_image
 
     if not isinstance(text, str) or not text:
         raise RequestError(name, "expected a base64-encoded image")
@@ -196,11 +196,9 @@ def decode_image(text: str, name: str):
     except (binascii.Error, ValueError) as exc:
         raise RequestError(name, f"not valid base64 ({exc})") from None
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as exc:  # PIL raises many kinds for broken files
-        raise RequestError(name, f"not a readable image ({type(exc).__name__}: {exc})") from None
+        return read_image(data, name="the image")
+    except ImageReadError as exc:
+        raise RequestError(name, f"not a readable image ({exc})") from None
 
 
 @dataclass
