@@ -165,6 +165,37 @@ def test_unknown_sampler_flag_fails_before_anything_is_written(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps 0 is outside [1, 1000]"),
+    (["--width", "65"], "--width 65 is not a positive multiple of 8"),
+    (["--cfg-scale", "nan"], "--cfg-scale nan is not a finite number"),
+])
+def test_bad_option_values_fail_before_anything_is_written(tmp_path, capsys, tiny_safetensors, flags, message):
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "t.parquet")
+    rc = cli.main(["run", str(tmp_path / "t.parquet"), "--model", str(tiny_safetensors), "--output",
+                   str(tmp_path / "out"), *flags])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # no row error recorded for a bad option
+
+
+def test_a_model_file_that_is_not_a_checkpoint_fails_before_anything_is_written(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "t.parquet")
+    (tmp_path / "notes.md").write_text("# not a model\n")
+    save_file({"classifier.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))  # not SD
+    for name, message in (("notes.md", "not a PyTorch checkpoint"),
+                          ("other.safetensors", "not a Stable Diffusion v1.x checkpoint")):
+        rc = cli.main(["run", str(tmp_path / "t.parquet"), "--model", str(tmp_path / name), "--output",
+                       str(tmp_path / "out")])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert name in err and message in err
+        assert not (tmp_path / "out").exists()
+
 def test_missing_prompt_column_fails_before_anything_starts(tmp_path, tiny_safetensors):
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "t.parquet")
     # RAY_ADDRESS points nowhere: reaching Ray would hang or fail differently

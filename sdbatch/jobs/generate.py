@@ -29,7 +29,7 @@ from sdbatch import storage
 from sdbatch.errors import JobError
 from sdbatch.jobs.common import Pool, Progress, actor_pool, now, ray_session, versions
 from sdbatch.jobs.output import Output, Recorder, counts, errors_table, summary
-from sdbatch.jobs.plan import make_batches, make_plan, read_table
+from sdbatch.jobs.plan import check_settings, make_batches, make_plan, read_table
 
 
 def generate_on_ray(args, out: Output, work: list[list[dict[str, Any]]], recorder: Recorder,
@@ -108,7 +108,7 @@ def check_model(model: str) -> tuple[str, str | None]:
     starts. A relative path is made absolute here, on the driver (under `ray job submit` that is the
     uploaded --working-dir, which leaves out what .gitignore ignores). Raises JobError naming the
     input and the reason."""
-    from sdbatch.model.weights import CheckpointError, checkpoint_hash
+    from sdbatch.model.weights import CheckpointError, check_checkpoint, checkpoint_hash
 
     protocol, _, rest = model.partition("://")
     if rest and protocol not in ("file", "local"):
@@ -126,6 +126,7 @@ def check_model(model: str) -> tuple[str, str | None]:
     if not os.access(path, os.R_OK):
         raise JobError(f"--model {model}: permission denied{where}")
     try:
+        check_checkpoint(path)
         return str(path), checkpoint_hash(path)
     except (CheckpointError, OSError) as exc:
         raise JobError(f"--model {model}: {exc}") from None
@@ -143,6 +144,7 @@ def run_command(args) -> int:
 
     if args.sampler not in SAMPLERS:
         raise JobError(f"--sampler {args.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+    check_settings(vars(args))
     args.model, args.model_hash = check_model(args.model)
     out = Output(args.output)
     settings = generation_settings(args)

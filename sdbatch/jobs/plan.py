@@ -152,6 +152,19 @@ def _row_problems(r: dict[str, Any], samplers) -> list[str]:
     return problems
 
 
+def check_settings(settings: dict[str, Any]) -> None:
+    """The command's own defaults (--steps, --cfg-scale, --sampler, --width, --height), checked as
+    a row's are, before anything starts: a bad option would otherwise turn every row that uses
+    it into a (final) row error. Raises JobError naming the options."""
+    from sdbatch.model.samplers import SAMPLERS
+
+    row = dict(prompt="-", init_image=None, strength=DEFAULT_STRENGTH, num_images=None, seed=None,
+               **{k: settings[k] for k in ("steps", "cfg_scale", "sampler", "width", "height")})
+    problems = _row_problems(row, SAMPLERS)
+    if problems:
+        raise JobError("bad options: " + "; ".join(f"--{p.replace('cfg_scale', 'cfg-scale')}" for p in problems))
+
+
 def make_plan(table, settings: dict[str, Any]) -> Plan:
     """Turns table rows into images to generate (or errors), with ids and seeds.
 

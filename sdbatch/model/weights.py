@@ -15,6 +15,7 @@ import pickle
 import shutil
 import struct
 import zipfile
+from typing import BinaryIO
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,28 +178,53 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _safetensors_header(f: BinaryIO, path: Path) -> tuple[dict[str, dict], int]:
+    """({tensor name: dtype, shape, data_offsets}, header length) of an open .safetensors file,
+    checked against the file's size; CheckpointError naming the file otherwise."""
+    size = path.stat().st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8 or n > 100_000_000:
+        raise CheckpointError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file)")
+    try:
+        header = json.loads(f.read(n))
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: the header lists {8 + n + end} bytes, the file has {size}")
+    return entries, n
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """A cheap check that a local source is an SD checkpoint `load_model` can read, from headers
+    and key names only (no tensor is read; a .ckpt is memory-mapped): for a job's driver, before
+    anything starts. Raises CheckpointError naming the file and what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        checkpoint_files(path)
+        return
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            keys = list(_safetensors_header(f, path)[0])
+    else:
+        keys = list(read_torch(path))
+    if not any(k.startswith(("model.diffusion_model.", "model_ema.diffusion_model")) for k in keys):
+        raise CheckpointError(f"{path}: not a Stable Diffusion v1.x checkpoint: none of its {len(keys)} tensors "
+                              f"is a U-Net weight (model.diffusion_model.*)")
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a .safetensors file with plain reads into fresh tensors.
 
     Unlike a memory map (which stays resident while it is open), this holds each byte once,
     which keeps peak memory at the size of the weights.
     """
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file)")
-        try:
-            header = json.loads(f.read(n))
-            entries = {k: v for k, v in header.items() if k != "__metadata__"}
-            end = max((v["data_offsets"][1] for v in entries.values()), default=0)
-        except (ValueError, TypeError, KeyError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {e})") from None
-        if 8 + n + end > size:
-            raise CheckpointError(f"{path}: truncated: the header lists {8 + n + end} bytes, the file has {size}")
+        entries, n = _safetensors_header(f, path)
         out = {}
         for name, info in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if info["dtype"] not in _SAFETENSORS_DTYPES:
