@@ -233,6 +233,17 @@ def test_folder_that_is_no_run_is_refused(tmp_path, capsys):
     assert not (tmp_path / "report.html").exists()
 
 
+
+def test_run_where_every_row_failed_still_gets_its_report(model, tmp_path):
+    """The run a user most needs the error list of: nothing generated, nothing started on Ray."""
+    pq.write_table(pa.table({"prompt": ["a red circle", None], "width": [60, 64]}), tmp_path / "bad.parquet")
+    out = tmp_path / "out"
+    assert jobs_cli.main(["run", str(tmp_path / "bad.parquet"), "--model", str(model), "--output", str(out)]) == 1
+    assert jobs_cli.main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "width 60 is not a positive multiple of 8" in page and "prompt is null" in page
+    assert "<td>nan</td>" not in page and "<td>None</td>" not in page
+
 # ----------------------------------------------------------------------------- a training run
 
 

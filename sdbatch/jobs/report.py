@@ -279,9 +279,10 @@ def run_context(out: Output, run: dict[str, Any], sample: int, tsne_sample: int,
     manifest = read_parts(out, "manifest")
     errors = read_parts(out, "errors")
     n_err = 0 if errors is None else len(errors)
-    ctx: dict[str, Any] = dict(kind="run", run=run, errors=[], n_errors=n_err, images=0, thumbs=[])
+    ctx: dict[str, Any] = dict(kind="run", run=run, errors=[], n_errors=n_err, images=0, thumbs=[], flagged=0)
     if errors is not None:
-        ctx["errors"] = errors.sort_values("row").head(200).to_dict("records")
+        shown = errors.sort_values("row").head(200).astype(object)
+        ctx["errors"] = shown.where(shown.notna(), None).to_dict("records")  # a null prompt shows empty, not "nan"
     wall = seconds_between(run.get("started"), run.get("finished"))
     ctx.update(wall=wall, remaining=max(0, run.get("rows", 0) - n_err - (0 if manifest is None else len(manifest))))
     if manifest is None or manifest.empty:
