@@ -170,16 +170,22 @@ def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | 
         return pq.read_table(io.BytesIO(read_bytes(fs, path)), columns=columns, use_threads=False)
 
 
-def read_parquet_schema(fs: fsspec.AbstractFileSystem, path: str):
-    """A Parquet file's Arrow schema (from its footer). Raises JobError naming an unreadable file."""
+def read_parquet_metadata(fs: fsspec.AbstractFileSystem, path: str):
+    """A Parquet file's footer (pyarrow FileMetaData: schema, row groups, row counts). Raises
+    JobError naming an unreadable file."""
     import pyarrow.parquet as pq
 
     def read():
         with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).schema_arrow
+            return pq.ParquetFile(f).metadata
 
     with _parquet_errors(fs, path):
         return retry(read)
+
+
+def read_parquet_schema(fs: fsspec.AbstractFileSystem, path: str):
+    """A Parquet file's Arrow schema (from its footer). Raises JobError naming an unreadable file."""
+    return read_parquet_metadata(fs, path).schema.to_arrow_schema()
 
 
 def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table) -> None:

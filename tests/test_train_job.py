@@ -261,12 +261,19 @@ def test_bad_tables_exit_2_naming_file_and_column(tmp_path, capsys):
     no_image = tmp_path / "no_image.parquet"
     pq.write_table(pa.table(dict(picture=[png(0)], text=["a"])), no_image)
     no_caption = write_table(tmp_path / "no_caption.parquet", n=1)
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")  # as Spark and Dask leave them
     for table, extra, words in [
         (no_image, [], [str(no_image), "image column 'image'", "picture"]),
         (no_caption, ["--caption-column", "caption"], [str(no_caption), "caption column 'caption'"]),
-        (tmp_path / "missing.parquet", [], ["does not exist"]),
+        (tmp_path / "missing.parquet", [], ["training table", "does not exist"]),
+        (empty, [], [str(empty), "not a readable Parquet file"]),
+        (no_caption, ["--init", str(tmp_path / "nope.safetensors")],
+         ["--init", "nope.safetensors", "no such file"]),
+        (no_caption, ["--init", str(no_image)], ["--init", "not a PyTorch checkpoint"]),
     ]:
-        rc = main(["train", str(table), "--output", str(tmp_path / "out"), "--config", "tiny", *extra])
+        extra = extra if "--init" in extra else ["--config", "tiny", *extra]
+        rc = main(["train", str(table), "--output", str(tmp_path / "out"), *extra])
         err = capsys.readouterr().err
         assert rc == 2 and all(w in err for w in words), err
     assert not (tmp_path / "out").exists()

@@ -12,7 +12,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
+from sdbatch import storage
 from sdbatch.errors import JobError
 
 
@@ -213,3 +215,32 @@ def _max_cluster_resources() -> dict[str, float] | None:
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_model(model: str, option: str = "--model") -> tuple[str, str | None]:
+    """The model source the actors get, and its sha256 when it is local, checked before anything
+    starts. A relative path is made absolute here, on the driver (under `ray job submit` that is the
+    uploaded --working-dir, which leaves out what .gitignore ignores). Raises JobError naming the
+    input (`option`) and the reason."""
+    from sdbatch.model.weights import CheckpointError, check_checkpoint, checkpoint_hash
+
+    protocol, _, rest = model.partition("://")
+    if rest and protocol not in ("file", "local"):
+        fs, path = storage.url_to_fs(model)
+        if not storage.exists(fs, path):
+            raise JobError(f"{option} {model}: not found")
+        return model, None
+    given = Path(rest or model).expanduser()
+    path = given.resolve()
+    where = "" if given.is_absolute() else f" (relative to {os.getcwd()}, where the job runs)"
+    if not path.exists():
+        raise JobError(f"{option} {model}: no such file or folder{where}. Under `ray job submit`, "
+                       f"--working-dir uploads only files that .gitignore does not ignore: give the "
+                       f"model's absolute path on the cluster's nodes, or a URI (s3://...)")
+    if not os.access(path, os.R_OK):
+        raise JobError(f"{option} {model}: permission denied{where}")
+    try:
+        check_checkpoint(path)
+        return str(path), checkpoint_hash(path)
+    except (CheckpointError, OSError) as exc:
+        raise JobError(f"{option} {model}: {exc}") from None

@@ -22,12 +22,10 @@ import dataclasses
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from sdbatch import storage
 from sdbatch.errors import JobError
-from sdbatch.jobs.common import Pool, Progress, actor_pool, now, ray_session, versions
+from sdbatch.jobs.common import Pool, Progress, actor_pool, check_model, now, ray_session, versions
 from sdbatch.jobs.output import Output, Recorder, counts, errors_table, summary
 from sdbatch.jobs.plan import check_settings, make_batches, make_plan, read_table
 
@@ -101,35 +99,6 @@ def block_prompts(plan, blocklist) -> None:
         else:
             plan.errors.append(dict(id=r["id"], row=r["row"], error=f"Row {r['row']} (id {r['id']!r}): {why}."))
     plan.rows = kept
-
-
-def check_model(model: str) -> tuple[str, str | None]:
-    """The model source the actors get, and its sha256 when it is local, checked before anything
-    starts. A relative path is made absolute here, on the driver (under `ray job submit` that is the
-    uploaded --working-dir, which leaves out what .gitignore ignores). Raises JobError naming the
-    input and the reason."""
-    from sdbatch.model.weights import CheckpointError, check_checkpoint, checkpoint_hash
-
-    protocol, _, rest = model.partition("://")
-    if rest and protocol not in ("file", "local"):
-        fs, path = storage.url_to_fs(model)
-        if not storage.exists(fs, path):
-            raise JobError(f"--model {model}: not found")
-        return model, None
-    given = Path(rest or model).expanduser()
-    path = given.resolve()
-    where = "" if given.is_absolute() else f" (relative to {os.getcwd()}, where the job runs)"
-    if not path.exists():
-        raise JobError(f"--model {model}: no such file or folder{where}. Under `ray job submit`, "
-                       f"--working-dir uploads only files that .gitignore does not ignore: give the "
-                       f"model's absolute path on the cluster's nodes, or a URI (s3://...)")
-    if not os.access(path, os.R_OK):
-        raise JobError(f"--model {model}: permission denied{where}")
-    try:
-        check_checkpoint(path)
-        return str(path), checkpoint_hash(path)
-    except (CheckpointError, OSError) as exc:
-        raise JobError(f"--model {model}: {exc}") from None
 
 
 def generation_settings(args) -> dict[str, Any]:

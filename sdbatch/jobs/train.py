@@ -33,7 +33,7 @@ from typing import Any
 
 from sdbatch import storage
 from sdbatch.errors import JobError
-from sdbatch.jobs.common import actor_pool, now, ray_session, versions
+from sdbatch.jobs.common import actor_pool, check_model, now, ray_session, versions
 from sdbatch.jobs.output import Output
 from sdbatch.jobs.train_worker import RUN_NAME, build_model, train_loop
 
@@ -95,7 +95,8 @@ def train_settings(args) -> dict[str, Any]:
     if args.learning_rate <= 0 or args.warmup_steps < 0:
         raise JobError("--learning-rate must be positive and --warmup-steps not negative")
     return dict(
-        data=args.data, caption_column=args.caption_column, init=args.init and absolute(args.init),
+        data=args.data, caption_column=args.caption_column,
+        init=args.init and check_model(args.init, "--init")[0],
         config=args.config, parts=parts,
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, resolution=args.resolution,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, seed=args.seed,

@@ -64,18 +64,12 @@ def plan_row_groups(data: str, caption_column: str) -> tuple[list[dict[str, Any]
     """The tables' row groups as Ray Data items (file URI, group index, position of its first
     row in the tables), after checking every file's columns; and the number of rows.
     Raises JobError for missing or empty tables and bad columns."""
-    import pyarrow.parquet as pq
 
     fs, files = table_files(data, "training table")
     groups, first = [], 0
     for path in files:
         uri = storage.to_uri(fs, path)
-
-        def footer():
-            with fs.open(path, "rb") as f:
-                return pq.ParquetFile(f).metadata
-
-        meta = storage.retry(footer)
+        meta = storage.read_parquet_metadata(fs, path)
         check_table(meta.schema.to_arrow_schema(), uri, caption_column)
         for g in range(meta.num_row_groups):
             rows = meta.row_group(g).num_rows
