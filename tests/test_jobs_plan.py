@@ -206,3 +206,14 @@ def test_missing_prompt_column_fails_before_anything_starts(tmp_path, tiny_safet
     assert proc.returncode == 2, proc.stderr
     assert "has no 'prompt' column (its columns: text)" in proc.stderr and "t.parquet" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_other_safeguards_into_the_same_out_are_refused(tmp_path, capsys, tiny_safetensors):
+    # a table whose one row is an error: run.json is written, nothing goes to Ray
+    pq.write_table(pa.table({"prompt": ["a"], "width": [60]}), tmp_path / "t.parquet")
+    args = ["run", str(tmp_path / "t.parquet"), "--model", str(tiny_safetensors), "--output", str(tmp_path / "out")]
+    assert cli.main([*args, "--no-watermark"]) == 1
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    assert "watermark False -> True" in capsys.readouterr().err
+    assert cli.main([*args, "--no-watermark"]) == 1  # the same settings resume

@@ -103,9 +103,12 @@ def block_prompts(plan, blocklist) -> None:
 
 def generation_settings(args) -> dict[str, Any]:
     """What an OUT's images depend on; the model as its sha256 when known (so the same weights by
-    another path are the same model), else its URI."""
+    another path are the same model), else its URI; and the safeguards that change which images
+    are written and how (blocklist, safety checker, watermark). Needs args.safeguards."""
+    guards = args.safeguards
     return dict(model=args.model_hash or args.model, steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
-                width=args.width, height=args.height, seed=args.seed, dtype=args.dtype, ema=args.ema)
+                width=args.width, height=args.height, seed=args.seed, dtype=args.dtype, ema=args.ema,
+                watermark=guards.watermark, blocklist=guards.blocklist, safety_checker=guards.safety_checker)
 
 
 def run_command(args) -> int:
@@ -116,8 +119,8 @@ def run_command(args) -> int:
     check_settings(vars(args))
     args.model, args.model_hash = check_model(args.model)
     out = Output(args.output)
-    settings = generation_settings(args)
     blocklist = check_safeguards(args)
+    settings = generation_settings(args)
     table = read_table(args.prompts)
     previous = out.read_run()
     if previous and previous["settings"] != settings and not args.overwrite:
