@@ -19,7 +19,7 @@ import sdbatch
 from ray_fixtures import ray_head  # noqa: F401  (fixture)
 from sdbatch.jobs import cli as jobs_cli
 from sdbatch.model.safety import load_safety_checker
-from sdbatch.provenance import TRAINED_ALGORITHMIC_MEDIA, WATERMARK_PAYLOAD, read_watermark
+from sdbatch.provenance import TRAINED_ALGORITHMIC_MEDIA, payload_agreement, read_watermark
 from test_safeguards import c2pa_material, random_reference, save_checker  # noqa: F401  (c2pa_material: fixture)
 
 SIZE, STEPS = 256, 2
@@ -31,12 +31,6 @@ ROWS = [  # id, prompt, negative prompt, seed, size
     ("blocked-negative", "a quiet street", "Red Car", 15, SIZE),
 ]
 BLOCKLIST = "# test rules\nred car\nre:forbidden\\s+thing\n"
-
-
-def bit_accuracy(payload: bytes | None) -> float:
-    """Share of the 136 bits read that equal the SD payload's (about 0.5 for an unmarked image)."""
-    want = np.unpackbits(np.frombuffer(WATERMARK_PAYLOAD, np.uint8))
-    return float((np.unpackbits(np.frombuffer(payload, np.uint8)) == want).mean())
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +104,8 @@ def test_job_with_safeguards(ray_head, tiny_safetensors, checker_flagging_one, c
         assert TRAINED_ALGORITHMIC_MEDIA.encode() in im.info["xmp"]
     # At 256x256 invisible-watermark recovers most of the 136 bits, not always all of them
     # (from about 384x384 up it reads them all: tests/test_safeguards.py); unmarked, about half.
-    assert bit_accuracy(read_watermark(pixels)) >= 0.9
-    assert bit_accuracy(read_watermark(made["keep"])) < 0.75
+    assert payload_agreement(read_watermark(pixels)) >= 0.9
+    assert payload_agreement(read_watermark(made["keep"])) < 0.75
     trust = c2pa.Context.from_dict({"verify": {"verify_trust": True}, "trust": {"trust_anchors": ca_pem}})
     reader = c2pa.Reader("image/png", io.BytesIO(keep.read_bytes()), context=trust)
     assert reader.get_validation_state() == "Trusted"
@@ -139,4 +133,4 @@ def test_generate_command_with_safeguards(tiny_safetensors, checker_flagging_one
     assert run.stdout.split() == [str(tmp_path / "out-0.png")] and not (tmp_path / "out-1.png").exists()
     with Image.open(tmp_path / "out-0.png") as im:
         assert TRAINED_ALGORITHMIC_MEDIA.encode() in im.info["xmp"]
-        assert bit_accuracy(read_watermark(np.asarray(im.convert("RGB")))) < 0.75  # --no-watermark
+        assert payload_agreement(read_watermark(np.asarray(im.convert("RGB")))) < 0.75  # --no-watermark
