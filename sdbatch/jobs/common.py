@@ -22,8 +22,9 @@ class Progress:
     """`rows done/total | images/s | ETA` on stderr: redrawn on a terminal, a line every 10 s
     in a log (as under `ray job submit`)."""
 
-    def __init__(self, total: int, done: int, stream=None):
-        self.total, self.done, self.errors, self.new = total, done, 0, 0
+    def __init__(self, total: int, done: int, errors: int = 0, stream=None):
+        """done: rows already recorded (images or errors), of which `errors` are errors."""
+        self.total, self.done, self.errors, self.new = total, done, errors, 0
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.start = self.last = time.monotonic()

@@ -164,7 +164,7 @@ def run_command(args) -> int:
         try:
             with ray_session(args.address):
                 recorder = Recorder(out, table, {r["id"]: r for r in todo})
-                progress = Progress(plan.total, plan.total - len(todo))
+                progress = Progress(plan.total, plan.total - len(todo), len(failed & table_ids))
                 try:
                     pool = actor_pool(args.workers, args.gpus_per_worker)
                     generate_on_ray(args, out, work, recorder, progress, pool)
