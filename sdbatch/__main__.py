@@ -58,6 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdbatch.a1111 import a1111_parameters
     from sdbatch.images import read_image
     from sdbatch.model.pipeline import NonFiniteError
+    from sdbatch.provenance import can_watermark
     from sdbatch.safeguards import SafeguardSettings, Safeguards
 
     if args.output.suffix.lower() != ".png":
@@ -75,6 +76,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=dtype, ema=args.ema)
     print(f"model on {model.device}, {str(model.dtype).removeprefix('torch.')}, seed {args.seed}", file=sys.stderr)
     guards = Safeguards(dataclasses.replace(settings, blocklist=None), device=str(model.device))
+    if settings.watermark and not can_watermark(args.height, args.width):
+        print(f"note: {args.width}x{args.height} images are written without the invisible watermark "
+              f"(invisible-watermark needs at least 256x256 pixels); XMP still labels them", file=sys.stderr)
 
     paths = output_paths(args.output, args.num_images)
     paths[0].parent.mkdir(parents=True, exist_ok=True)

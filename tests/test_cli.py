@@ -27,6 +27,7 @@ def test_generate_several_images_with_metadata(tiny_safetensors, tmp_path):
     paths = [tmp_path / "shots" / f"cat-{i}.png" for i in range(3)]
     assert run.stdout.split() == [str(p) for p in paths]
     assert "100%" in run.stderr  # the progress bar ran to the end
+    assert "64x64 images are written without the invisible watermark" in run.stderr  # says why, once
 
     model = sdbatch.load_model(tiny_safetensors)
     expected = sdbatch.generate(model, ["a cat"] * 3, ["dog"] * 3, seeds=[41, 42, 43], steps=3,
