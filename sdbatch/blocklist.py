@@ -36,7 +36,7 @@ class Rule:
     pattern: re.Pattern
 
     def __str__(self) -> str:
-        return f"{self.text!r} ({self.source}, line {self.line})"
+        return f"'{self.text}' ({self.source}, line {self.line})"
 
 
 def _phrase_pattern(phrase: str) -> str:
@@ -63,7 +63,7 @@ def parse_rule(text: str, source: str = "<blocklist>", line: int = 0) -> Rule | 
     try:
         return Rule(text, source, line, re.compile(body, re.IGNORECASE))
     except re.error as e:
-        raise BlocklistError(f"{source}, line {line}: invalid regular expression {text!r}: {e}") from None
+        raise BlocklistError(f"{source}, line {line}: invalid regular expression '{text}': {e}") from None
 
 
 @dataclass(frozen=True)

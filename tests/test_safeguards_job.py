@@ -124,7 +124,7 @@ def test_generate_command_with_safeguards(tiny_safetensors, checker_flagging_one
             capture_output=True, text=True, timeout=300)
 
     blocked = generate("a forbidden  thing", 1)
-    assert blocked.returncode == 2 and "blocklist rule 're:forbidden\\\\s+thing'" in blocked.stderr
+    assert blocked.returncode == 2 and "blocklist rule 're:forbidden\\s+thing'" in blocked.stderr
     assert "nothing generated" in blocked.stderr and not (tmp_path / "out.png").exists()
     # rows 'keep' and 'flag': one prompt, seeds 11 and 12
     run = generate(ROWS[0][1], ROWS[0][3], "--num-images", "2", "--no-watermark")
