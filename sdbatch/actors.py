@@ -112,7 +112,8 @@ class GenerationActor:
                     readable.append(row)
                 except Exception as exc:  # ImageReadError, or the storage's own error
                     results.append(self._error(
-                        row, f"init_image {row['init_image']!r} could not be read as an image ({exc})."))
+                        row, f"Row {row.get('row', '?')} (id {row['id']!r}): init_image {row['init_image']!r} "
+                             f"could not be read as an image ({exc})."))
             rows = readable
         if not rows:
             return [r for r in results if r["id"] not in skipped]

@@ -109,7 +109,8 @@ def test_job_outputs_errors_unsafe_ids_status_and_rerun(ray_head, tiny_safetenso
 
     e = read_parts(out / "errors").set_index("row")
     assert sorted(e.index) == [6, 7, 8, 9, 10, 11]
-    assert "not-an-image.png" in e.loc[6, "error"] and "could not be read" in e.loc[6, "error"]
+    assert e.loc[6, "error"].startswith("Row 6 (id ") and "not-an-image.png" in e.loc[6, "error"]
+    assert "could not be read" in e.loc[6, "error"]
     assert "prompt is empty" in e.loc[7, "error"] and e.loc[7, "note"] == "carried-7"
     assert "multiple of 8" in e.loc[8, "error"]
     assert "steps 0" in e.loc[9, "error"]
