@@ -74,11 +74,13 @@ def test_cluster_yaml_image_and_install_match_the_project():
     low = re.search(r">=\s*3\.(\d+)", pyproject["project"]["requires-python"])
     assert int(match["minor"]) >= int(low[1])
 
-    # the repository is uploaded and installed with the Ray extra on every node, with boto3 and
-    # aiobotocore at the versions pyproject pins (together they fix botocore for s3fs)
+    # the repository is uploaded and installed on every node with the extras the README's cluster
+    # walkthrough runs (the job, and the metrics job), with boto3 and aiobotocore at the versions
+    # pyproject pins (together they fix botocore for s3fs)
     remote = [r for r, local in config["file_mounts"].items() if local == "."]
     assert remote, "the project folder is not in file_mounts"
-    install = [cmd for cmd in config["setup_commands"] if "pip install" in cmd and f'"{remote[0]}[ray]"' in cmd]
+    install = [cmd for cmd in config["setup_commands"]
+               if "pip install" in cmd and f'"{remote[0]}[ray,metrics]"' in cmd]
     assert len(install) == 1, config["setup_commands"]
     for pin in pyproject["project"]["optional-dependencies"]["test"]:
         if pin.startswith(("boto3==", "aiobotocore==")):
