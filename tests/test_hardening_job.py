@@ -270,8 +270,9 @@ def test_the_readme_ray_job_submit_block_works_pasted_into_a_fresh_shell(tmp_pat
         start = (f"setsid ray start --head --block --temp-dir={temp} --dashboard-port={dash} "
                  f"--dashboard-host=127.0.0.1 --include-dashboard=true {ports} --num-cpus=2 --disable-usage-stats "
                  f"> {tmp_path}/start.log 2>&1 & echo $! > {pidfile}\n"
-                 f"for i in $(seq 180); do curl -sf http://127.0.0.1:{dash}/api/version > /dev/null && break; sleep 1; done\n"
-                 f"sleep 5  # the job agent comes up after the dashboard")
+                 # until the job API answers (the dashboard alone answers 401 to anything before that)
+                 f"for i in $(seq 120); do ray job list --address http://127.0.0.1:{dash} > /dev/null 2>&1 && break; "
+                 f"sleep 1; done")
         job = (f"python -m sdbatch.jobs run {tmp_path / 't.parquet'} --model {tiny} "
                f"--output {tmp_path / attempt.replace(' ', '-')} {' '.join(FAST)}\n")
         script = block.replace("ray start --head", start, 1).replace("127.0.0.1:8265", f"127.0.0.1:{dash}")
