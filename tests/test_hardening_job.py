@@ -161,7 +161,7 @@ def test_run_records_edges_hides_ray_chatter_and_identifies_the_model_by_hash(tm
     assert run.returncode == 1, run.stderr  # some rows failed
     for chatter in RAY_CHATTER:
         assert chatter not in run.stderr, run.stderr
-    assert "rows 2/8 (0 errors)" in run.stderr and "done: 5, errored: 3, remaining: 0" in run.stderr
+    assert "rows 2/8 (2 errors)" in run.stderr and "done: 5, errored: 3, remaining: 0" in run.stderr
 
     out = work / "out"
     manifest = pq.read_table(out / "manifest").to_pydict()
