@@ -14,17 +14,12 @@ import sys
 
 from sdbatch.errors import JobError
 from sdbatch.extras import report_missing_extra
+from sdbatch.jobs.common import workers_option
 from sdbatch.jobs.generate import run_command, status_command
 from sdbatch.jobs.plan import DEFAULTS
 from sdbatch.jobs.report import add_report_arguments
 from sdbatch.jobs.train import add_train_arguments
 from sdbatch.safeguards import add_arguments as add_safeguard_arguments
-
-
-def _workers(value: str) -> str:
-    if value != "auto" and not (value.isdigit() and int(value) >= 1):
-        raise argparse.ArgumentTypeError("must be a positive integer or 'auto'")
-    return value
 
 
 def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
@@ -44,7 +39,7 @@ def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=DEFAULTS["seed"],
                      help="base of the seeds of rows without a seed (default: %(default)s)")
     run.add_argument("--batch-size", type=int, default=4, help="images per model call (default: %(default)s)")
-    run.add_argument("--workers", type=_workers, default=None,
+    run.add_argument("--workers", type=workers_option, default=None,
                      help="actors: N, or 'auto' to scale with the cluster (default: one per GPU, or 1 on CPU)")
     run.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

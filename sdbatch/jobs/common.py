@@ -133,6 +133,15 @@ def native_stderr_to(path: str) -> Iterator[None]:
             sys.stderr = python_stderr
 
 
+def workers_option(value: str) -> str:
+    """argparse type of --workers: a positive integer or 'auto'."""
+    import argparse
+
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError("must be a positive integer or 'auto'")
+    return value
+
+
 @dataclass
 class Pool:
     min_size: int

@@ -33,7 +33,7 @@ from typing import Any
 
 from sdbatch import storage
 from sdbatch.errors import JobError
-from sdbatch.jobs.common import actor_pool, check_model, now, ray_session, versions
+from sdbatch.jobs.common import actor_pool, check_model, now, ray_session, versions, workers_option
 from sdbatch.jobs.output import Output
 from sdbatch.jobs.train_worker import RUN_NAME, build_model, train_loop
 
@@ -273,8 +273,6 @@ def train_command(args) -> int:
 
 def add_train_arguments(parser) -> None:
     """The `train` subcommand's arguments."""
-    from sdbatch.jobs.cli import _workers
-
     p = parser
     p.add_argument("data", help="Parquet image-caption tables: file, folder or glob; local or fsspec URI")
     p.add_argument("--output", required=True, help="output folder; path or URI (s3://...)")
@@ -291,7 +289,7 @@ def add_train_arguments(parser) -> None:
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="weights of a new model, noise, crops, flips, dropout (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps (default: %(default)s)")
-    p.add_argument("--workers", type=_workers, default=None, help="N or 'auto' (default: one per GPU, or 1 on CPU)")
+    p.add_argument("--workers", type=workers_option, default=None, help="N or 'auto' (default: one per GPU, or 1 on CPU)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="(default: %(default)s)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute (U-Net)")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="(default: %(default)s)")
