@@ -46,6 +46,14 @@ class Output:
             ids += storage.read_parquet(self.fs, path, columns=["id"]).column("id").to_pylist()
         return ids
 
+    def read(self, folder: str):
+        """OUT/folder's Parquet parts ("manifest" or "errors") as one pyarrow Table, their columns
+        unified; None when there are none. Raises JobError naming an unreadable part."""
+        import pyarrow as pa
+
+        parts = [storage.read_parquet(self.fs, p) for p in storage.list_files(self.fs, self.path(folder), ".parquet")]
+        return pa.concat_tables(parts, promote_options="permissive") if parts else None
+
     def flagged(self) -> set[str]:
         """Ids of the manifest's rows the safety checker flagged (nsfw true: no image kept)."""
         ids: set[str] = set()

@@ -108,12 +108,8 @@ def thumbnail(data: bytes | None, px: int = THUMB_PX) -> str | None:
 
 def read_parts(out: Output, folder: str):
     """OUT/folder's Parquet parts as one DataFrame (None when there are none)."""
-    import pyarrow as pa
-
-    parts = [storage.read_parquet(out.fs, p) for p in storage.list_files(out.fs, out.path(folder), ".parquet")]
-    if not parts:
-        return None
-    return pa.concat_tables(parts, promote_options="permissive").to_pandas()
+    table = out.read(folder)
+    return None if table is None else table.to_pandas()
 
 
 def label(value: Any) -> str:

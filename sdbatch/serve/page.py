@@ -30,14 +30,13 @@ def read_job(uri: str):
     Raises ValueError when the folder holds neither."""
     import pandas as pd
 
-    from sdbatch import storage
+    from sdbatch.jobs.output import Output
 
-    fs, root = storage.url_to_fs(uri.strip())
+    out = Output(uri.strip())
     tables = {}
     for folder in ("manifest", "errors"):
-        files = storage.list_files(fs, storage.join(root, folder), ".parquet")
-        parts = [storage.read_parquet(fs, f).to_pandas() for f in files]
-        tables[folder] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        table = out.read(folder)
+        tables[folder] = pd.DataFrame() if table is None else table.to_pandas()
     if tables["manifest"].empty and tables["errors"].empty:
         raise ValueError(f"{uri}: no manifest/ or errors/ Parquet parts (not the output of `sdbatch.jobs run`?)")
     if not tables["manifest"].empty:
