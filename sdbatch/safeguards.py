@@ -55,7 +55,7 @@ class SafeguardSettings:
                 import imwatermark  # noqa: F401
             except ModuleNotFoundError:
                 raise ProvenanceError("the invisible watermark (on by default) needs the invisible-watermark "
-                                      "package: pip install 'sdbatch[safeguards]', or pass --no-watermark") from None
+                                      "package: pip install invisible-watermark (a dependency of sdbatch), or pass --no-watermark") from None
         if self.safety_checker:
             find_safety_checker(self.safety_checker)
         if self.c2pa_cert:
