@@ -133,7 +133,8 @@ def _job_folder(served, folder: Path) -> Path:  # noqa: F811
     """A `jobs run` output folder in its real layout, written with the job's own writers."""
     import pyarrow as pa
 
-    from sdbatch.jobs.output import Output, manifest_schema
+    from sdbatch.jobs.output import Output
+    from sdbatch.jobs.record import manifest_schema
 
     out = Output(str(folder))
     prompts = ["a red cube", "a blue sphere", "a green cone"]

@@ -26,7 +26,8 @@ from typing import Any
 
 from sdbatch.errors import JobError
 from sdbatch.jobs.common import Pool, Progress, actor_pool, check_model, now, ray_session, versions
-from sdbatch.jobs.output import Output, Recorder, counts, errors_table, summary
+from sdbatch.jobs.output import Output, counts, summary
+from sdbatch.jobs.record import Recorder, errors_table
 from sdbatch.jobs.plan import check_settings, make_batches, make_plan, read_table
 
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from sdbatch import storage
 from sdbatch.errors import JobError
-from sdbatch.jobs.output import Output, errors_table
+from sdbatch.jobs.output import Output
+from sdbatch.jobs.record import errors_table
 from sdbatch.jobs.plan import type_ok, table_files
 
 if TYPE_CHECKING:
