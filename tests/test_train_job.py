@@ -300,3 +300,12 @@ def test_preprocessing_is_deterministic_for_a_seed(tmp_path):
     centre = make_batch(samples, 32, False, False, torch.Generator())
     circle = np.asarray(Image.open(io.BytesIO(png(1))).convert("RGB").resize((38, 32), Image.Resampling.LANCZOS))
     assert torch.equal(centre[1], torch.from_numpy(circle[:, 3:35].copy()).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_more_steps_continue_the_run_other_changes_are_refused():
+    from sdbatch.jobs.train import settings_change
+
+    before = dict(steps=10, learning_rate=1e-4, parts=["unet"])
+    assert settings_change(before, dict(before, steps=25)) == ""
+    assert settings_change(before, dict(before, steps=5)) == "steps 10 -> 5"
+    assert settings_change(before, dict(before, steps=25, learning_rate=2e-4)) == "learning_rate 0.0001 -> 0.0002"

@@ -25,6 +25,7 @@ from sdbatch.model.training import (
     CONFIGS,
     EMA,
     add_noise,
+    calibrate_latent_scale_,
     diffusion_loss,
     drop_captions,
     encode_latents,
@@ -225,6 +226,20 @@ def test_encode_latents_samples_the_scaled_posterior():
     noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(latents, (mean + torch.exp(0.5 * logvar) * noise) * 0.18215)
     assert latents.shape == (2, 4, 4, 4) and not latents.requires_grad
+
+
+def test_calibrated_vae_gives_unit_variance_latents_and_the_same_reconstructions():
+    model = new_model("tiny", seed=2).eval()
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        before = model.vae(images)
+        std = encode_latents(model.vae, images, torch.Generator().manual_seed(3), model.config.latent_scale).std()
+    k = calibrate_latent_scale_(model.vae, images, torch.Generator().manual_seed(3), model.config.latent_scale)
+    with torch.no_grad():
+        after = model.vae(images)
+        latents = encode_latents(model.vae, images, torch.Generator().manual_seed(3), model.config.latent_scale)
+    assert abs(k - 1 / float(std)) < 1e-4 * k and abs(float(latents.std()) - 1) < 1e-4
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
 
 
 def test_caption_dropout():

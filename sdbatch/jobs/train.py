@@ -39,6 +39,7 @@ from sdbatch.jobs.train_worker import RUN_NAME, build_model, train_loop
 
 PARTS = ("unet", "text_encoder", "vae")
 MAX_FAILURES = 3           # worker failures Ray Train recovers from, from the latest checkpoint
+CALIBRATION_IMAGES = 256  # a VAE's latent scale is measured on this many images of the data
 DATA_CPUS = 0.5            # CPUs left to Ray Data's decoding beside the training workers
 
 
@@ -175,18 +176,43 @@ def load_state(checkpoint) -> dict[str, Any]:
 
 
 def export_model(settings: dict[str, Any], state: dict[str, Any], out: Output) -> str:
-    """OUT/model.safetensors from the checkpoint's EMA; returns its sha256."""
-    from sdbatch.model.training import EMA, export_checkpoint
+    """OUT/model.safetensors from the checkpoint's EMA; returns its sha256. A VAE trained alone
+    has its latent space calibrated first (`calibrate_latent_scale_`, on CALIBRATION_IMAGES of
+    the data), so that the U-Net trained on it next sees unit-variance latents."""
+    import torch
+
+    from sdbatch.model.training import EMA, calibrate_latent_scale_, export_checkpoint
 
     model, trained = build_model(settings)
     ema = EMA(trained)
     ema.load_state_dict(state["ema"])
     ema.copy_to(trained)
     base = model.hash if settings["init"] else f"new {settings['config']} model, seed {settings['seed']}"
-    metadata = {"sdbatch.base_model": base, "sdbatch.steps": str(state["step"]), "sdbatch.data": settings["data"],
+    extra = {}
+    if settings["parts"] == ["vae"]:
+        k = calibrate_latent_scale_(model.vae, calibration_images(settings), torch.Generator().manual_seed(settings["seed"]),
+                                    model.config.latent_scale)
+        extra["sdbatch.latent_rescale"] = f"{k:.6g}"
+    metadata = {**extra, "sdbatch.base_model": base, "sdbatch.steps": str(state["step"]), "sdbatch.data": settings["data"],
                 "sdbatch.parts": ",".join(settings["parts"]),
                 "sdbatch.settings": json.dumps({k: v for k, v in settings.items() if k != "validation_prompts"})}
     return export_checkpoint(model, out.uri_of("model.safetensors"), metadata)
+
+
+def calibration_images(settings: dict[str, Any]):
+    """The first CALIBRATION_IMAGES readable images of the data, centre-cropped at the training
+    resolution: float32 (B, 3, R, R) in [-1, 1]."""
+    import torch
+
+    from sdbatch.jobs.train_data import decode_rows, make_batch, plan_row_groups, read_row_group
+
+    samples = []
+    for g in plan_row_groups(settings["data"], settings["caption_column"])[0]:
+        samples += decode_rows(read_row_group(g["file"], g["group"]), g["first"], settings["resolution"],
+                               settings["caption_column"])[0]
+        if len(samples) >= CALIBRATION_IMAGES:
+            break
+    return make_batch(samples[:CALIBRATION_IMAGES], settings["resolution"], False, False, torch.Generator())
 
 
 def plot_loss(log: list[dict[str, Any]]) -> bytes:
@@ -219,6 +245,15 @@ TRAIN_OUTPUTS = ("checkpoints", "model.safetensors", "train_log.parquet", "loss.
                  "stopped.json", "train.json")
 
 
+def settings_change(previous: dict[str, Any], settings: dict[str, Any]) -> str:
+    """The settings that differ from an OUT's earlier run ("name old -> new, ..."), or "" when it
+    can go on. More --steps than before is no change: the run continues from its last checkpoint
+    to the new total (the learning rate is constant after warmup, so a run extended in two goes
+    takes the same steps as one run of the total)."""
+    return ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in settings.items()
+                     if previous.get(k) != v and not (k == "steps" and v >= previous.get(k, v + 1)))
+
+
 def train_command(args) -> int:
     """`jobs train`: 0 when the model is written, 1 when a non-finite loss stopped the run;
     JobError (exit status 2) for bad arguments, tables or another run's OUT."""
@@ -229,16 +264,16 @@ def train_command(args) -> int:
     out = Output(absolute(args.output))
     record_path = out.path("train.json")
     previous = json.loads(storage.read_bytes(out.fs, record_path)) if storage.exists(out.fs, record_path) else None
-    if previous and previous["settings"] != settings and not args.overwrite:
-        diff = ", ".join(f"{k} {previous['settings'].get(k)!r} -> {v!r}"
-                         for k, v in settings.items() if previous["settings"].get(k) != v)
+    diff = settings_change(previous["settings"], settings) if previous else ""
+    if diff and not args.overwrite:
         raise JobError(f"{out.uri} holds a training run with other settings ({diff}); use another --output, "
                        f"or --overwrite to delete its checkpoints and outputs and start again")
     if args.overwrite:
         for name in TRAIN_OUTPUTS:
             storage.remove(out.fs, out.path(name))
         previous = None
-    if previous and previous.get("finished") and storage.exists(out.fs, out.path("model.safetensors")):
+    if (previous and previous.get("finished") and previous["settings"]["steps"] == settings["steps"]
+            and storage.exists(out.fs, out.path("model.safetensors"))):
         print(f"{out.uri} already holds the trained model: nothing to do", file=sys.stderr)
         return 0
     if settings["validation_prompts"] and settings["parts"] == ["vae"]:

@@ -8,6 +8,7 @@ never on the device or the thread count.
 """
 
 import functools
+import math
 import os
 from collections.abc import Iterable, Sequence
 
@@ -240,6 +241,31 @@ def vae_loss(
     kl = kl_divergence(mean, logvar).mean()
     loss = rec + kl_weight * kl / images[0].numel()
     return loss, {"rec": rec.detach(), "kl": kl.detach()}
+
+
+@torch.no_grad()
+def calibrate_latent_scale_(
+    vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator, latent_scale: float = LATENT_SCALE
+) -> float:
+    """Rescales a trained VAE's latent space in place so that its latents times `latent_scale`
+    have unit standard deviation over `images` (B, 3, H, W) in [-1, 1]; returns the factor k.
+
+    LDM's scale_by_std (ldm/models/diffusion/ddpm.py, LatentDiffusion) measures 1/std of the
+    first batch's posterior samples and keeps it as the model's scale factor, so that the
+    diffusion schedule sees unit-variance latents. An SD v1.x checkpoint has no place for that
+    factor (loaders fix it at 0.18215), so it is folded into the weights instead: quant_conv's
+    mean outputs grow by k, its log-variance outputs by 2 ln k, and post_quant_conv's weights
+    shrink by k. decode(encode(x)) is unchanged; latents grow k-fold.
+    """
+    mean, logvar = vae.encode(images)
+    z = mean + torch.exp(0.5 * logvar) * randn(mean.shape, generator, mean.device).to(mean.dtype)
+    k = 1.0 / (latent_scale * float(z.float().std()))
+    c = mean.shape[1]
+    vae.quant_conv.weight[:c] *= k
+    vae.quant_conv.bias[:c] *= k
+    vae.quant_conv.bias[c:] += 2.0 * math.log(k)
+    vae.post_quant_conv.weight /= k
+    return k
 
 
 # ----------------------------------------------------------------------------- conditioning
