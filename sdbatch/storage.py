@@ -170,6 +170,19 @@ def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | 
         return pq.read_table(io.BytesIO(read_bytes(fs, path)), columns=columns, use_threads=False)
 
 
+def read_parquet_columns(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]):
+    """Some columns of a Parquet file, fetching only their bytes (ranged reads), without threads.
+    Columns the file lacks are left out. Raises JobError naming an unreadable file."""
+    import pyarrow.parquet as pq
+
+    def read():
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f, pre_buffer=False).read(columns=columns, use_threads=False)
+
+    with _parquet_errors(fs, path):
+        return retry(read)
+
+
 def read_parquet_metadata(fs: fsspec.AbstractFileSystem, path: str):
     """A Parquet file's footer (pyarrow FileMetaData: schema, row groups, row counts). Raises
     JobError naming an unreadable file."""

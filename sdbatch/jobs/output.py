@@ -9,6 +9,12 @@ import sys
 from typing import Any
 
 from sdbatch import storage
+from sdbatch.jobs import compact
+
+
+def _read_columns(fs, path: str, columns: list[str] | None):
+    """A Parquet file's columns (all when None); only those bytes are fetched when some are named."""
+    return storage.read_parquet(fs, path) if columns is None else storage.read_parquet_columns(fs, path, columns)
 
 
 def _part_name(ids: list[str]) -> str:
@@ -37,28 +43,57 @@ class Output:
     def write_run(self, run: dict[str, Any]) -> None:
         storage.write_bytes(self.fs, self.path("run.json"), json.dumps(run, indent=2).encode())
 
-    def ids(self, folder: str) -> list[str]:
-        ids = []
-        for path in storage.list_files(self.fs, self.path(folder), ".parquet"):
-            ids += storage.read_parquet(self.fs, path, columns=["id"]).column("id").to_pylist()
-        return ids
+    def parts(self, folder: str) -> list[str]:
+        """Paths of the Parquet files holding OUT/folder's rows ("manifest" or "errors"), each row
+        in exactly one: what a compaction in progress or killed replaces is left out (compact.py)."""
+        return compact.live_files(self.fs, self.path(folder))
 
-    def read(self, folder: str):
-        """OUT/folder's Parquet parts ("manifest" or "errors") as one pyarrow Table, their columns
-        unified; None when there are none. Raises JobError naming an unreadable part."""
+    def id_column(self, folder: str):
+        """The ids of OUT/folder's rows, as a pyarrow ChunkedArray of strings (one chunk per file,
+        no Python objects), each recorded id once. Raises JobError naming an unreadable file."""
         import pyarrow as pa
 
-        parts = [storage.read_parquet(self.fs, p) for p in storage.list_files(self.fs, self.path(folder), ".parquet")]
-        return pa.concat_tables(parts, promote_options="permissive") if parts else None
+        def read(files):
+            return pa.chunked_array([c for p in files for c in _read_columns(self.fs, p, ["id"]).column("id").chunks],
+                                    type=pa.string())
+
+        return compact.read_live(self.fs, self.path(folder), read)
+
+    def ids(self, folder: str) -> list[str]:
+        return self.id_column(folder).to_pylist()
+
+    def count(self, folder: str) -> int:
+        """Rows recorded in OUT/folder, from the files' footers (each id is in one row: the
+        recorder writes an id once per run, a run skips recorded ids, and compaction moves rows
+        without copying them). Raises JobError naming an unreadable file."""
+        return compact.read_live(self.fs, self.path(folder), lambda files: sum(
+            storage.read_parquet_metadata(self.fs, p).num_rows for p in files))
+
+    def read(self, folder: str, columns: list[str] | None = None):
+        """OUT/folder's rows ("manifest" or "errors") as one pyarrow Table, the files' columns
+        unified (or only those of `columns` they have); None when there are none. Raises JobError
+        naming an unreadable file."""
+        import pyarrow as pa
+
+        def read(files):
+            tables = [_read_columns(self.fs, p, columns) for p in files]
+            return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+        return compact.read_live(self.fs, self.path(folder), read)
 
     def flagged(self) -> set[str]:
         """Ids of the manifest's rows the safety checker flagged (nsfw true: no image kept)."""
-        ids: set[str] = set()
-        for path in storage.list_files(self.fs, self.path("manifest"), ".parquet"):
-            if "nsfw" in storage.read_parquet_schema(self.fs, path).names:  # runs before the safeguards had none
-                t = storage.read_parquet(self.fs, path, columns=["id", "nsfw"]).to_pydict()
-                ids.update(i for i, flag in zip(t["id"], t["nsfw"]) if flag)
-        return ids
+        import pyarrow.compute as pc
+
+        def read(files):
+            ids: set[str] = set()
+            for path in files:
+                if "nsfw" in storage.read_parquet_schema(self.fs, path).names:  # runs before the safeguards had none
+                    t = _read_columns(self.fs, path, ["id", "nsfw"])
+                    ids.update(t.filter(pc.fill_null(t["nsfw"], False))["id"].to_pylist())
+            return ids
+
+        return compact.read_live(self.fs, self.path("manifest"), read)
 
     def write_part(self, folder: str, table) -> None:
         name = _part_name(table.column("id").to_pylist())
@@ -69,12 +104,19 @@ class Output:
             storage.remove(self.fs, self.path(name))
 
 
-def counts(out: Output, ids: set[str] | None = None) -> tuple[int, int]:
-    """(images recorded, error records), optionally only those of the given ids."""
-    done, failed = set(out.ids("manifest")), out.ids("errors")
-    if ids is not None:
-        done, failed = done & ids, [i for i in failed if i in ids]
-    return len(done), len(failed)
+def counts(out: Output, ids=None) -> tuple[int, int]:
+    """(images recorded, error records), optionally only those of the given ids (a set of str or
+    a pyarrow array of strings)."""
+    if ids is None:
+        return out.count("manifest"), out.count("errors")
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    wanted = ids if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
+    return tuple(int(pc.sum(pc.is_in(out.id_column(folder), value_set=wanted)).as_py() or 0)
+                 for folder in ("manifest", "errors"))
 
 
 def summary(out: Output, ids: set[str], total: int) -> int:
