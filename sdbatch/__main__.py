@@ -1,4 +1,7 @@
-"""Command line for one-off use: `python -m sdbatch generate "a prompt" --model SRC -o out.png`.
+"""Command line for one-off use: `python -m sdbatch generate "a prompt" [--model SRC] -o out.png`.
+
+Without --model, `generate` uses sdbatch's built-in demo model (`builtin:shapes`, see
+`sdbatch.builtin`), and says so.
 
 `make-smoke-model PATH` writes a small random-weight checkpoint to try things without real
 weights. The batch job over prompt tables is `python -m sdbatch.jobs`.
@@ -56,8 +59,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from sdbatch import generate, load_model
     from sdbatch.a1111 import a1111_parameters
+    from sdbatch.builtin import default_model
     from sdbatch.images import read_image
     from sdbatch.model.pipeline import NonFiniteError
+    from sdbatch.model.weights import size_or_native
     from sdbatch.provenance import can_watermark
     from sdbatch.safeguards import SafeguardSettings, Safeguards
 
@@ -71,6 +76,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     refused = blocklist.check(args.prompt, args.negative) if blocklist else None
     if refused:
         raise ValueError(f"{refused}: nothing generated")
+    args.model = default_model(args.model)
+    args.width, args.height = size_or_native(args.model, args.width, args.height)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     print(f"loading {args.model}", file=sys.stderr)
     model = load_model(args.model, device=args.device, dtype=dtype, ema=args.ema)
@@ -131,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images from one prompt (text-to-image or image-to-image)")
     gen.add_argument("prompt")
-    gen.add_argument("--model", required=True, help=".safetensors / .ckpt / diffusers folder, local path or fsspec URI")
+    gen.add_argument("--model", help=".safetensors / .ckpt / diffusers folder, local path or fsspec URI, or builtin:NAME "
+                                     "(default: builtin:shapes, sdbatch's small built-in demo model, not Stable Diffusion)")
     gen.add_argument("-o", "--output", type=Path, required=True,
                      help="output .png; with --num-images N > 1: OUT-0.png ... OUT-{N-1}.png")
     gen.add_argument("--negative", default="", help="negative prompt (default: none, the empty string)")
@@ -139,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive_int, default=25)
     gen.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale; 1 turns it off")
     gen.add_argument("--sampler", choices=list(SAMPLERS), default="dpmpp_2m_karras")
-    gen.add_argument("--width", type=_multiple_of_8, default=512)
-    gen.add_argument("--height", type=_multiple_of_8, default=512)
+    gen.add_argument("--width", type=_multiple_of_8, help="default: the model's native size (64 for builtin:shapes, "
+                     "the --resolution it was trained at for a model sdbatch trained, else SD v1.x's 512)")
+    gen.add_argument("--height", type=_multiple_of_8, help="default: as --width")
     gen.add_argument("--init-image", type=Path, help="image-to-image: start from this image (resized to the size)")
     gen.add_argument("--strength", type=_strength, default=0.8, help="image-to-image: how much to change, in (0, 1]")
     gen.add_argument("--num-images", type=_positive_int, default=1)

@@ -1,6 +1,6 @@
 """The jobs' command line.
 
-    python -m sdbatch.jobs run PROMPTS --model SRC --output OUT [options]
+    python -m sdbatch.jobs run PROMPTS [--model SRC] --output OUT [options]
     python -m sdbatch.jobs status OUT
     python -m sdbatch.jobs metrics OUT --reference REF
     python -m sdbatch.jobs report OUT
@@ -28,14 +28,16 @@ def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate the images of a prompt table")
     run.add_argument("prompts", help="Parquet file, folder or glob; local or fsspec URI (s3://...)")
-    run.add_argument("--model", required=True, help="checkpoint (.safetensors/.ckpt) or diffusers folder; path or URI")
+    run.add_argument("--model", help="checkpoint (.safetensors/.ckpt) or diffusers folder; path or URI; or builtin:NAME "
+                     "(default: builtin:shapes, sdbatch's small built-in demo model, not Stable Diffusion)")
     run.add_argument("--output", required=True, help="output folder; path or URI")
     run.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="sampling steps (default: %(default)s)")
     run.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"], help="guidance scale (default: %(default)s)")
     run.add_argument("--sampler", default=DEFAULTS["sampler"],
                      help="ddpm, ddim, euler, euler_a, dpmpp_2m or dpmpp_2m_karras (default: %(default)s)")
-    run.add_argument("--width", type=int, default=DEFAULTS["width"], help="multiple of 8 (default: %(default)s)")
-    run.add_argument("--height", type=int, default=DEFAULTS["height"], help="multiple of 8 (default: %(default)s)")
+    run.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size: 64 for builtin:shapes, "
+                     "the --resolution it was trained at for a model sdbatch trained, else 512)")
+    run.add_argument("--height", type=int, help="multiple of 8 (default: as --width)")
     run.add_argument("--seed", type=int, default=DEFAULTS["seed"],
                      help="base of the seeds of rows without a seed (default: %(default)s)")
     run.add_argument("--batch-size", type=int, default=4, help="images per model call (default: %(default)s)")

@@ -231,8 +231,16 @@ def check_model(model: str, option: str = "--model") -> tuple[str, str | None]:
     """The model source the actors get, and its sha256 when it is local, checked before anything
     starts. A relative path is made absolute here, on the driver (under `ray job submit` that is the
     uploaded --working-dir, which leaves out what .gitignore ignores). Raises JobError naming the
-    input (`option`) and the reason."""
+    input (`option`) and the reason. A built-in model (`builtin:NAME`) stays so named: each node
+    finds it in its own install of sdbatch."""
+    from sdbatch.builtin import BuiltinModelError, builtin_path, is_builtin
     from sdbatch.model.weights import CheckpointError, check_checkpoint, checkpoint_hash
+
+    if is_builtin(model):
+        try:
+            return model, checkpoint_hash(builtin_path(model))
+        except BuiltinModelError as exc:
+            raise JobError(f"{option} {exc}") from None
 
     protocol, _, rest = model.partition("://")
     if rest and protocol not in ("file", "local"):

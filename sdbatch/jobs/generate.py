@@ -113,12 +113,15 @@ def generation_settings(args) -> dict[str, Any]:
 
 
 def run_command(args) -> int:
+    from sdbatch.builtin import default_model
     from sdbatch.model.samplers import SAMPLERS
+    from sdbatch.model.weights import size_or_native
 
     if args.sampler not in SAMPLERS:
         raise JobError(f"--sampler {args.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+    args.model, args.model_hash = check_model(default_model(args.model))
+    args.width, args.height = size_or_native(args.model, args.width, args.height)
     check_settings(vars(args))
-    args.model, args.model_hash = check_model(args.model)
     out = Output(args.output)
     blocklist = check_safeguards(args)
     settings = generation_settings(args)

@@ -24,6 +24,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from ..builtin import BuiltinModelError, builtin_path, is_builtin
 from .clip import CLIPConfig, CLIPTextEncoder, clip_config_from_diffusers, clip_state_dict_from_diffusers, infer_clip_config
 from .layers import pack_for_cpu
 from .tokenizer import Tokenizer
@@ -31,6 +32,7 @@ from .unet import UNetConfig, UNetModel, infer_unet_config, unet_config_from_dif
 from .vae import AutoencoderKL, VAEConfig, infer_vae_config, vae_config_from_diffusers, vae_state_dict_from_diffusers
 
 LATENT_SCALE = 0.18215
+SD_SIZE = 512  # the side, in pixels, SD v1.x was trained at (LDM's v1-inference.yaml: image_size 64 latents x 8)
 
 # component (also its diffusers sub-folder and our attribute name) -> key prefix in a single-file checkpoint
 PREFIXES = {
@@ -215,6 +217,44 @@ def check_checkpoint(path: str | os.PathLike) -> None:
     if not any(k.startswith(("model.diffusion_model.", "model_ema.diffusion_model")) for k in keys):
         raise CheckpointError(f"{path}: not a Stable Diffusion v1.x checkpoint: none of its {len(keys)} tensors "
                               f"is a U-Net weight (model.diffusion_model.*)")
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` (str -> str) of a .safetensors file's header; {} when it has none.
+    Raises CheckpointError naming the file when it is not a safetensors file."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        n = _safetensors_header(f, path)[1]
+        f.seek(8)
+        return json.loads(f.read(n)).get("__metadata__") or {}
+
+
+def native_size(source: str | os.PathLike) -> int:
+    """The square side, in pixels, a model makes best: the `resolution` it was trained at, as
+    sdbatch's `jobs train` records it in a checkpoint's metadata (`sdbatch.settings`), else
+    SD v1.x's SD_SIZE. Only the header of a local (or built-in) .safetensors file is read; any
+    other source (remote URI, .ckpt, diffusers folder, missing file) gives SD_SIZE.
+    Raises CheckpointError for an unknown or missing `builtin:NAME`."""
+    protocol, _, rest = str(source).partition("://")
+    if rest and protocol not in ("file", "local"):
+        return SD_SIZE
+    path = localize(source)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return SD_SIZE
+    try:
+        side = json.loads(safetensors_metadata(path).get("sdbatch.settings", "{}")).get("resolution")
+    except (ValueError, AttributeError):
+        return SD_SIZE
+    return side if isinstance(side, int) and side >= 8 and side % 8 == 0 else SD_SIZE
+
+
+def size_or_native(source: str | os.PathLike, width: int | None, height: int | None) -> tuple[int, int]:
+    """(width, height) in pixels, each one not given (None) being the model's `native_size`.
+    Raises CheckpointError as `native_size`."""
+    if width is not None and height is not None:
+        return width, height
+    side = native_size(source)
+    return width or side, height or side
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -463,11 +503,18 @@ def _remote_files(fs, root: str, info: dict) -> dict[str, dict]:
 def localize(source: str | os.PathLike, storage_options: dict | None = None) -> Path:
     """A local path for `source`; a remote file or diffusers folder is copied once into `cache_dir()`.
 
+    `builtin:NAME` is that built-in model's file (`sdbatch.builtin`); CheckpointError when the
+    name is unknown or this install lacks the file.
     The cache entry is keyed by the remote files' names, sizes and ETags. It is written under a
     file lock, into a temporary name then renamed, so processes sharing a node (and cache)
     download once and never see a partial copy.
     """
     source = str(source)
+    if is_builtin(source):
+        try:
+            return builtin_path(source)
+        except BuiltinModelError as e:
+            raise CheckpointError(str(e)) from None
     protocol, _, rest = source.partition("://")
     if not rest or protocol in ("file", "local"):
         return Path(rest or source).expanduser()
