@@ -7,6 +7,7 @@ import math
 import time
 from typing import Any
 
+from sdbatch.jobs.compact import Compactor
 from sdbatch.jobs.output import Output
 from sdbatch.jobs.plan import COLUMN_KINDS
 
@@ -25,6 +26,7 @@ class Recorder:
         self.failed: list[dict[str, Any]] = []
         self.model_hash: str | None = None
         self.last_flush = -math.inf  # the first results are recorded at once
+        self.compactor = Compactor(out)  # merges the parts in the background as they pile up
 
     def add(self, results: list[dict[str, Any]]) -> tuple[int, int]:
         """Queues results; returns (new images, new errors)."""
@@ -49,9 +51,11 @@ class Recorder:
     def flush(self) -> None:
         if self.done:
             self.out.write_part("manifest", self.manifest_table(self.done))
+            self.compactor.wrote("manifest", len(self.done))
             self.done = []
         if self.failed:
             self.out.write_part("errors", errors_table(self.failed, self.table))
+            self.compactor.wrote("errors", len(self.failed))
             self.failed = []
         self.last_flush = time.monotonic()
 
