@@ -1,7 +1,7 @@
 """Prompt adherence on the shapes domain (issue 14): the share of generated images that show
 every attribute their prompt names, read back by `sdbatch.data.adherence.check`.
 
-    flock /tmp/sdbatch-bench.lock .venv/bin/python benchmarks/bench_adherence.py --model MODEL \
+    flock /tmp/sdbatch-bench.lock .venv/bin/python benchmarks/bench_adherence.py [--model builtin:shapes] \
         [--dataset TRAIN.parquet | --data-seed 0] [--n 200] [--out out/adherence]
 
 Prompts: --n of the triples the model was trained on and --n of the held-out ones, in the
@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import sdbatch
+from sdbatch import builtin
 from sdbatch.data import adherence, shapes
 
 SPLITS = ("seen", "held_out")
@@ -66,7 +67,8 @@ def fmt(share: float | None) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint (local path or fsspec URI) for sdbatch.load_model")
+    parser.add_argument("--model", default=builtin.DEFAULT,
+                        help="checkpoint (local path, fsspec URI or builtin:NAME) for sdbatch.load_model (default: %(default)s)")
     parser.add_argument("--dataset", help="the training table (.parquet): its metadata names the held-out triples")
     parser.add_argument("--data-seed", type=int, default=0, help="--seed of the training table, if --dataset is not given")
     parser.add_argument("--n", type=int, default=200, help="prompts per split (seen, held out)")

@@ -56,12 +56,6 @@ def builtin_path(name: str) -> Path:
     return path
 
 
-def resolve(source: str | Path) -> str | Path:
-    """`builtin:NAME` as its file's path; any other source (path, URI) unchanged.
-    Raises BuiltinModelError as `builtin_path`."""
-    return builtin_path(source) if is_builtin(source) else source
-
-
 def default_model(given: str | None, stream=sys.stderr) -> str:
     """The model a command uses: `given`, or without one DEFAULT, saying on `stream` what it is
     (so nobody takes its pictures for Stable Diffusion's)."""

@@ -285,11 +285,14 @@ def build(args: dict[str, Any]):
     """
     import ray
 
+    from sdbatch.builtin import builtin_path, is_builtin
     from sdbatch.jobs.common import actor_pool
 
     if not args.get("model"):
         raise ValueError("serve: the model argument is required (model=path/to/checkpoint)")
-    if "://" not in str(args["model"]) and not os.path.exists(args["model"]):
+    if is_builtin(args["model"]):
+        builtin_path(args["model"])  # a BuiltinModelError (ValueError) names an unknown or missing one
+    elif "://" not in str(args["model"]) and not os.path.exists(args["model"]):
         raise ValueError(f"serve: model {args['model']} does not exist")
     replicas = args.get("replicas")
     if replicas is not None and str(replicas) != "auto" and not (str(replicas).isdigit() and int(replicas) >= 1):

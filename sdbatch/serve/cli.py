@@ -17,7 +17,8 @@ def _replicas(value: str) -> str:
 def add_serve_parser(sub) -> None:
     """The `serve` subcommand on `python -m sdbatch`'s subparsers."""
     serve = sub.add_parser("serve", help="serve the AUTOMATIC1111 web API and a web page on Ray Serve")
-    serve.add_argument("--model", required=True, help=".safetensors / .ckpt / diffusers folder, local path or fsspec URI")
+    serve.add_argument("--model", required=True, help=".safetensors / .ckpt / diffusers folder, local path or fsspec URI, "
+                       "or builtin:shapes (sdbatch's small built-in demo model: 64x64)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=7860, help="HTTP port (default: %(default)s, A1111's)")
     serve.add_argument("--replicas", type=_replicas, default=None,
