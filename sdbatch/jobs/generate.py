@@ -25,6 +25,7 @@ import sys
 from typing import Any
 
 from sdbatch.errors import JobError
+from sdbatch.jobs.compact import compact_at_end
 from sdbatch.jobs.common import Pool, Progress, actor_pool, check_model, now, ray_session, versions
 from sdbatch.jobs.output import Output, counts, summary
 from sdbatch.jobs.record import Recorder, errors_table
@@ -184,6 +185,7 @@ def run_command(args) -> int:
         run["model_hash"] = recorder.model_hash or run["model_hash"]
     run["finished"] = now()
     out.write_run(run)
+    compact_at_end(out)  # the manifest's and errors' parts merged into a few files (also a killed run's)
     if args.metrics:
         from sdbatch.jobs.metrics import metrics_after_run
 
