@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import sdbatch
 from sdbatch import builtin
 from sdbatch.data import adherence, shapes
+from sdbatch.sheet import RIGHT, WRONG, contact_sheet
 
 SPLITS = ("seen", "held_out")
 TARGETS = {"seen": 0.90, "held_out": 0.75}
@@ -45,20 +45,6 @@ def generate_split(model, prompts: list[str], args) -> np.ndarray:
         print(f"  {start + len(batch)}/{len(prompts)}", file=sys.stderr, end="\r")
     print(file=sys.stderr)
     return np.concatenate(out)
-
-
-def contact_sheet(images: np.ndarray, results: list[dict], columns: int = 10, scale: int = 2) -> Image.Image:
-    """The images in a grid, each framed green (every named attribute right) or red."""
-    cell = images.shape[1] * scale + 4
-    rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (columns * cell, rows * cell), (128, 128, 128))
-    draw = ImageDraw.Draw(sheet)
-    for i, (image, result) in enumerate(zip(images, results)):
-        x, y = i % columns * cell, i // columns * cell
-        draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(0, 160, 0) if result["all_correct"] else (200, 0, 0))
-        big = Image.fromarray(image).resize((cell - 4, cell - 4), Image.Resampling.NEAREST)
-        sheet.paste(big, (x + 2, y + 2))
-    return sheet
 
 
 def fmt(share: float | None) -> str:
@@ -114,7 +100,8 @@ def main() -> int:
         report["splits"][split] = {"summary": summary, "seconds": seconds,
                                    "rows": [{"prompt": p, "seed": args.seed + i, **r} for i, (p, r) in enumerate(zip(prompts, results))]}
         if args.out:
-            contact_sheet(images[:100], results[:100]).save(args.out / f"sheet-{split}.png")
+            contact_sheet(images[:100], frames=[RIGHT if r["all_correct"] else WRONG for r in results[:100]],
+                          columns=10).save(args.out / f"sheet-{split}.png")
 
     print(f"\n{'split':9} {'n':>4} {'all right':>9}  " + "  ".join(f"{a:>10}" for a in adherence.ATTRIBUTES) + "  target  s/image")
     for split in SPLITS:
