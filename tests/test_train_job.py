@@ -133,7 +133,7 @@ def test_finetune_from_and_to_s3_changes_only_the_trained_parts(ray_head, tmp_pa
     fs.put_file(str(write_table(tmp_path / "data.parquet")), "train/data/part-0.parquet")
 
     rc, _ = train("s3://train/data/", "s3://train/out", "--init", "s3://train/init.safetensors",
-                  "--parts", "text_encoder", "--steps", "3", "--checkpoint-every", "2")
+                  "--parts", "text_encoder", "--steps", "3", "--checkpoint-every", "2", "--cache-latents")
     assert rc == 0
     fs.get_file("train/out/model.safetensors", str(tmp_path / "model.safetensors"))
     before, after = parts_of(init), parts_of(tmp_path / "model.safetensors")
@@ -309,3 +309,10 @@ def test_more_steps_continue_the_run_other_changes_are_refused():
     assert settings_change(before, dict(before, steps=25)) == ""
     assert settings_change(before, dict(before, steps=5)) == "steps 10 -> 5"
     assert settings_change(before, dict(before, steps=25, learning_rate=2e-4)) == "learning_rate 0.0001 -> 0.0002"
+
+
+@pytest.mark.parametrize("option", [["--parts", "vae"], ["--flip"], ["--random-crop"]])
+def test_cache_latents_refused_where_pixels_or_vae_change(tmp_path, capsys, option):
+    rc, err = train(write_table(tmp_path / "data.parquet"), tmp_path / "out", "--config", "tiny", "--cache-latents",
+                    *option, capsys=capsys)
+    assert rc == 2 and "--cache-latents" in err and option[-1] in err

@@ -24,6 +24,7 @@ from sdbatch.model.layers import _Packed
 from sdbatch.model.training import (
     CONFIGS,
     EMA,
+    PosteriorCache,
     add_noise,
     calibrate_latent_scale_,
     diffusion_loss,
@@ -240,6 +241,22 @@ def test_calibrated_vae_gives_unit_variance_latents_and_the_same_reconstructions
         latents = encode_latents(model.vae, images, torch.Generator().manual_seed(3), model.config.latent_scale)
     assert abs(k - 1 / float(std)) < 1e-4 * k and abs(float(latents.std()) - 1) < 1e-4
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+
+
+def test_posterior_cache_encodes_each_key_once():
+    model = new_model("tiny", seed=2).eval()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cache = PosteriorCache()
+    mean, logvar = cache.encode(model.vae, images[:2], [10, 11])
+    with torch.no_grad():
+        expect = model.vae.encode(images[:2])
+    torch.testing.assert_close((mean, logvar), expect)
+    randomize_(model.vae, seed=5)  # a changed encoder shows which keys were encoded again
+    with torch.no_grad():
+        fresh = model.vae.encode(images[2:])
+    mean, logvar = cache.encode(model.vae, images[[1, 2]], [11, 12])
+    torch.testing.assert_close(mean, torch.cat([expect[0][1:], fresh[0]]))
+    torch.testing.assert_close(logvar, torch.cat([expect[1][1:], fresh[1]]))
 
 
 def test_caption_dropout():

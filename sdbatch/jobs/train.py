@@ -93,6 +93,9 @@ def train_settings(args) -> dict[str, Any]:
         raise JobError(f"--resolution {args.resolution} is not a positive multiple of 8")
     if not 0 <= args.caption_dropout <= 1 or not 0 <= args.ema_decay < 1:
         raise JobError("--caption-dropout must be in [0, 1] and --ema-decay in [0, 1)")
+    if args.cache_latents and ("vae" in parts or args.random_crop or args.flip):
+        raise JobError("--cache-latents needs a frozen VAE and the same pixels every epoch: it cannot go with "
+                       "--parts vae, --random-crop or --flip")
     if args.learning_rate <= 0 or args.warmup_steps < 0:
         raise JobError("--learning-rate must be positive and --warmup-steps not negative")
     return dict(
@@ -104,7 +107,7 @@ def train_settings(args) -> dict[str, Any]:
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay,
         caption_dropout=args.caption_dropout, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
-        random_crop=args.random_crop, flip=args.flip, validation_prompts=read_prompts(args.validation_prompts))
+        random_crop=args.random_crop, flip=args.flip, cache_latents=args.cache_latents, validation_prompts=read_prompts(args.validation_prompts))
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -251,7 +254,8 @@ def settings_change(previous: dict[str, Any], settings: dict[str, Any]) -> str:
     to the new total (the learning rate is constant after warmup, so a run extended in two goes
     takes the same steps as one run of the total)."""
     return ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in settings.items()
-                     if previous.get(k) != v and not (k == "steps" and v >= previous.get(k, v + 1)))
+                     if previous.get(k) != v and not (k == "steps" and v >= previous.get(k, v + 1))
+                     and (k in previous or v not in (None, False)))  # options added since: off is no change
 
 
 def train_command(args) -> int:
@@ -334,6 +338,9 @@ def add_train_arguments(parser) -> None:
     p.add_argument("--noise-offset", type=float, default=0.0, help="e.g. 0.05 (default: %(default)s)")
     p.add_argument("--random-crop", action="store_true", help="crop at random offsets (default: the centre)")
     p.add_argument("--flip", action="store_true", help="flip half the images left-right")
+    p.add_argument("--cache-latents", action="store_true",
+                   help="keep each image's VAE posterior after its first epoch (frozen VAE, no crops or flips; "
+                        "a resumed run then matches an uninterrupted one up to float rounding)")
     p.add_argument("--validation-prompts", metavar="FILE", help="one prompt a line: a grid of images at each checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete OUT's checkpoints and outputs first")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")

@@ -70,12 +70,15 @@ def _objective():
         def __init__(self, model, settings: dict[str, Any]):
             super().__init__()
             self.model, self.settings = model, settings
+            self.cache = training.PosteriorCache() if settings.get("cache_latents") else None
 
-        def forward(self, images: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        def forward(self, images: torch.Tensor, captions: list[str], generator: torch.Generator,
+                    rows: list[int]) -> torch.Tensor:
             m, s = self.model, self.settings
             if s["parts"] == ["vae"]:
                 return training.vae_loss(m.vae, images, generator, KL_WEIGHT)[0]
-            latents = training.encode_latents(m.vae, images, generator, m.config.latent_scale)
+            moments = self.cache.encode(m.vae, images, rows) if self.cache else m.vae.encode(images)
+            latents = training.sample_latents(*moments, generator, m.config.latent_scale)
             tokens = training.tokenize_captions(m.tokenize, captions, generator, s["caption_dropout"])
             with torch.set_grad_enabled("text_encoder" in s["parts"]):
                 context = m.text_encoder(tokens.to(images.device))
@@ -166,7 +169,8 @@ class Run:
                 sync = contextlib.nullcontext() if last or self.world == 1 else self.objective.no_sync()
                 with sync:
                     with autocast:
-                        loss = self.objective(images, [str(r["caption"]) for r in rows], self.generator)
+                        loss = self.objective(images, [str(r["caption"]) for r in rows], self.generator,
+                                              [int(r["row"]) for r in rows])
                     self.scaler.scale(loss / accum).backward()
                 loss_sum += loss.detach().double().cpu() / accum
             loss_value = self.mean_over_workers(loss_sum)
