@@ -56,10 +56,10 @@ def builtin_path(name: str) -> Path:
     return path
 
 
-def default_model(given: str | None, stream=sys.stderr) -> str:
-    """The model a command uses: `given`, or without one DEFAULT, saying on `stream` what it is
+def default_model(given: str | None) -> str:
+    """The model a command uses: `given`, or without one DEFAULT, saying on stderr what it is
     (so nobody takes its pictures for Stable Diffusion's)."""
     if given is not None:
         return given
-    print(f"no --model given: using {DEFAULT}, {MODELS[DEFAULT.removeprefix(PREFIX)]}", file=stream)
+    print(f"no --model given: using {DEFAULT}, {MODELS[DEFAULT.removeprefix(PREFIX)]}", file=sys.stderr)
     return DEFAULT
