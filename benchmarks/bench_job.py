@@ -38,7 +38,9 @@ def loop(model_path: str, table: str, args) -> tuple[float, float]:
     model = sdbatch.load_model(model_path, device="cpu", dtype="auto")  # as the job's CPU actors
     settings = dict(jobs.DEFAULTS, steps=args.steps, width=args.size, height=args.size, sampler=args.sampler)
     generating = 0.0
-    for batch in jobs.make_batches(jobs.make_plan(jobs.read_table(table), settings).rows, args.batch_size):
+    plan = jobs.make_plan(jobs.read_table(table), settings)
+    batches = jobs.make_batches(plan, args.batch_size)
+    for batch in (plan.rows(batches.order[a:b]) for a, b in zip(batches.starts[:-1], batches.starts[1:])):
         r = batch[0]
         t = time.perf_counter()
         sdbatch.generate(model, [x["prompt"] for x in batch], [x["negative_prompt"] for x in batch],

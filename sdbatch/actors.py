@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import socket
@@ -51,19 +50,21 @@ def npy_bytes(array: np.ndarray) -> bytes:
 class GenerationActor:
     """Generates whole batches of plan rows and writes their images to `output`/images/.
 
-    Each input row is one batch: a column `rows` holding the JSON list of the batch's plan rows (id, prompt,
-    negative_prompt, seed, steps, cfg_scale, sampler, width, height, init_image, strength,
-    skip), all of one shape. The batch is generated whole; rows marked `skip` (already
-    recorded) are neither written nor returned. Beside each image `output`/latents/<name>.npy
-    keeps its final latent, float16 (4, height/8, width/8), for the run report's latent space.
-    `safeguards` (SafeguardSettings; default: the watermark only) screens each image with the
-    safety checker (a flagged image is not written, nor its latent: its row comes back with
-    nsfw true and no image) and marks the others (watermark, XMP, C2PA). Ray may run two
-    calls at once (generate_on_ray asks it to): while one holds the model, the other marks
-    and writes its images. Output rows: id, image (URI), latent (URI), sha256, model_hash,
-    seconds, worker, nsfw, watermark, c2pa, error (null unless the row failed); with `inception_weights`
-    ([object ref of a state dict], `run --metrics`) also each image's Inception features and
-    logits, computed while it is in memory (see `sdbatch.jobs.metrics.RunFeatures`).
+    Each input row is one batch: a column `rows`, the list of the batch's plan rows (structs of
+    id, prompt, negative_prompt, seed, steps, cfg_scale, sampler, width, height, init_image,
+    strength, row, skip, and anything else, such as the job's plan_index and carried columns,
+    which is passed through), all of one shape. The batch is generated whole; rows marked `skip`
+    (already recorded) are neither written nor returned. Beside each image
+    `output`/latents/<name>.npy keeps its final latent, float16 (4, height/8, width/8), for the
+    run report's latent space. `safeguards` (SafeguardSettings; default: the watermark only)
+    screens each image with the safety checker (a flagged image is not written, nor its latent:
+    its row comes back with nsfw true and no image) and marks the others (watermark, XMP, C2PA).
+    Ray may run two calls at once (generate_on_ray asks it to): while one holds the model, the
+    other marks and writes its images. Output rows: the input row's fields but skip, then image
+    (URI), latent (URI), sha256, model_hash, seconds, worker, nsfw, watermark, c2pa, error (null
+    unless the row failed); with `inception_weights` ([object ref of a state dict], `run
+    --metrics`) also each image's Inception features and logits, computed while it is in memory
+    (see `sdbatch.jobs.metrics.RunFeatures`).
     """
 
     def __init__(self, model: str, output: str, dtype: str = "auto", device: str = "auto",
@@ -93,10 +94,22 @@ class GenerationActor:
     def __call__(self, batch):
         import pyarrow as pa
 
-        results: list[dict[str, Any]] = []
-        for rows in batch.column("rows").to_pylist():
-            results += self.generate(json.loads(rows))
-        return pa.Table.from_pylist(results, schema=result_schema(self.inception is not None))
+        return pa.concat_tables([self.generate_table(pa.Table.from_struct_array(rows.values))
+                                 for rows in batch.column("rows")])
+
+    def generate_table(self, rows):
+        """One batch's plan rows (pyarrow Table) -> its output rows (pyarrow Table)."""
+        import pyarrow as pa
+
+        passed = [c for c in rows.column_names if c == "carried"]  # kept as Arrow, never made Python objects
+        plain = rows.drop_columns(passed).to_pylist()
+        results = self.generate(plain)
+        where = {r["id"]: k for k, r in enumerate(plain)}
+        out = rows.drop_columns(["skip"]).take([where[r["id"]] for r in results])
+        made = pa.Table.from_pylist(results, schema=result_schema(self.inception is not None)).drop_columns(["id"])
+        for field, column in zip(made.schema, made.columns):
+            out = out.append_column(field, column)
+        return out
 
     def generate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import sdbatch

@@ -55,15 +55,15 @@ def test_out_of_range_plan_values_are_row_errors_without_allocating():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 20 * 2**20  # 10**12 images were never listed
-    assert sorted(r["seed"] for r in plan.rows) == sorted([2**63 - 2, 2**63 - 1, planning.derive_seed(0, "00000004-0")])
-    errors = {e["row"]: e["error"] for e in plan.errors}
+    assert sorted(r["seed"] for r in plan.rows()) == sorted([2**63 - 2, 2**63 - 1, planning.derive_seed(0, "00000004-0")])
+    errors = {e["row"]: e["error"] for e in plan.errors.to_pylist()}
     assert set(errors) == {1, 2, 3}
     assert errors[1].startswith("Row 1 (id '00000001'):") and "past 2^63 - 1" in errors[1]
     assert errors[2].startswith("Row 2 ") and "num_images 1000000000000 is more than" in errors[2]
     assert errors[3].startswith("Row 3 ") and "width 1000000 is larger than" in errors[3]
     # every planned seed fits the manifest's int64 and torch's generator
-    pa.array([r["seed"] for r in plan.rows], pa.int64())
-    for r in plan.rows:
+    pa.array([r["seed"] for r in plan.rows()], pa.int64())
+    for r in plan.rows():
         torch.Generator().manual_seed(r["seed"])
 
 

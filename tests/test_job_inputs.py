@@ -52,9 +52,9 @@ def test_shipped_coco_sample_is_the_builders_output_and_the_job_accepts_it(tmp_p
     shipped = pq.read_table(ROOT / "jobs/coco30k/sample.parquet")
     assert pq.read_table(out).equals(shipped)
     plan = job_plan(ROOT / "jobs/coco30k/sample.parquet")
-    assert not plan.errors
-    assert [r["id"] for r in plan.rows] == shipped.column("id").to_pylist()
-    assert [r["prompt"] for r in plan.rows] == shipped.column("prompt").to_pylist()
+    assert not plan.errors.num_rows
+    assert [r["id"] for r in plan.rows()] == shipped.column("id").to_pylist()
+    assert [r["prompt"] for r in plan.rows()] == shipped.column("prompt").to_pylist()
 
 
 def test_coco_sampling_follows_the_documented_rule():
@@ -118,8 +118,8 @@ def test_sweep_expands_to_every_combination_and_the_job_accepts_it(tmp_path):
     assert all(spec["prompts"][r["prompt_index"]] == r["prompt"] for r in rows)
 
     plan = job_plan(out)
-    assert not plan.errors
-    by_id = {r["id"]: r for r in plan.rows}
+    assert not plan.errors.num_rows
+    by_id = {r["id"]: r for r in plan.rows()}
     assert len(by_id) == len(rows)
     # the table's values reach the job: its seed, guidance scale, steps and sampler, not the defaults
     for r in rows:

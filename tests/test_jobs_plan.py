@@ -28,21 +28,21 @@ def plan_of(**columns):
 
 def test_ids_and_seeds_are_derived_stably():
     plan = plan_of(prompt=["a", "b", "c"], num_images=[None, 3, None], seed=[None, 100, None])
-    ids = [r["id"] for r in plan.rows]
+    ids = [r["id"] for r in plan.rows()]
     assert ids == ["00000000", "00000001-0", "00000001-1", "00000001-2", "00000002"]
-    seeds = {r["id"]: r["seed"] for r in plan.rows}
+    seeds = {r["id"]: r["seed"] for r in plan.rows()}
     assert [seeds[f"00000001-{j}"] for j in range(3)] == [100, 101, 102]
     digest = hashlib.sha256(b"0:00000000").digest()
     assert seeds["00000000"] == int.from_bytes(digest[:4], "big")
     # another --seed gives other seeds; the same table and --seed give the same plan
     other = planning.make_plan(pa.table({"prompt": ["a", "b", "c"]}), dict(SETTINGS, seed=1))
-    assert other.rows[0]["seed"] != seeds["00000000"]
-    assert plan_of(prompt=["a", "b", "c"], num_images=[None, 3, None], seed=[None, 100, None]).rows == plan.rows
+    assert other.rows()[0]["seed"] != seeds["00000000"]
+    assert plan_of(prompt=["a", "b", "c"], num_images=[None, 3, None], seed=[None, 100, None]).rows() == plan.rows()
 
 
 def test_rows_override_defaults_and_integer_ids_become_strings():
     plan = plan_of(prompt=["a", "b"], id=[7, 8], steps=[3, None], width=[128, None], sampler=[None, "ddim"])
-    a, b = plan.rows
+    a, b = plan.rows()
     assert (a["id"], a["steps"], a["width"], a["sampler"]) == ("7", 3, 128, SETTINGS["sampler"])
     assert (b["id"], b["steps"], b["width"], b["sampler"]) == ("8", 2, 64, "ddim")
 
@@ -58,8 +58,8 @@ def test_row_problems_become_errors_naming_the_problem():
         strength=[None, None, None, None, None, None, 1.5, None, None],
         num_images=[None, None, None, None, None, None, None, 0, None],
     )
-    assert [r["id"] for r in plan.rows] == ["ok"]
-    errors = {e["row"]: e["error"] for e in plan.errors}
+    assert [r["id"] for r in plan.rows()] == ["ok"]
+    errors = {e["row"]: e["error"] for e in plan.errors.to_pylist()}
     assert "prompt is empty" in errors[1]
     assert "prompt is null" in errors[2]
     assert "width 60 is not a positive multiple of 8" in errors[3]
@@ -72,14 +72,18 @@ def test_row_problems_become_errors_naming_the_problem():
 
 def test_batches_have_one_shape_and_do_not_depend_on_what_is_done():
     plan = plan_of(prompt=list("abcdefg"), width=[64, 128, 64, 64, 128, 64, 64])
-    batches = planning.make_batches(plan.rows, 2)
+    batches = batch_rows(plan, 2)
     assert all(len({planning.shape_key(r) for r in b}) == 1 for b in batches)
-    assert sorted(r["id"] for b in batches for r in b) == sorted(r["id"] for r in plan.rows)
+    assert sorted(r["id"] for b in batches for r in b) == sorted(r["id"] for r in plan.rows())
     assert [len(b) for b in batches] == [2, 2, 1, 2]
     # rows appended to the table only join the last batch of their shape
     more = plan_of(prompt=list("abcdefgh"), width=[64, 128, 64, 64, 128, 64, 64, 64])
-    assert [[r["id"] for r in b] for b in planning.make_batches(more.rows, 2)][:2] == \
-        [[r["id"] for r in b] for b in batches][:2]
+    assert [[r["id"] for r in b] for b in batch_rows(more, 2)][:2] == [[r["id"] for r in b] for b in batches][:2]
+
+
+def batch_rows(plan, batch_size):
+    batches = planning.make_batches(plan, batch_size)
+    return [plan.rows(batches.order[a:b]) for a, b in zip(batches.starts[:-1], batches.starts[1:])]
 
 
 def test_safe_names_stay_inside_the_folder_and_distinct():

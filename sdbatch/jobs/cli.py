@@ -1,6 +1,7 @@
 """The jobs' command line.
 
     python -m sdbatch.jobs run PROMPTS [--model SRC] --output OUT [options]
+    python -m sdbatch.jobs plan PROMPTS [--model SRC] --output OUT [run's options]
     python -m sdbatch.jobs status OUT
     python -m sdbatch.jobs metrics OUT --reference REF
     python -m sdbatch.jobs report OUT
@@ -15,18 +16,15 @@ import sys
 from sdbatch.errors import JobError
 from sdbatch.extras import report_missing_extra
 from sdbatch.jobs.common import workers_option
-from sdbatch.jobs.generate import run_command, status_command
+from sdbatch.jobs.generate import plan_command, run_command, status_command
 from sdbatch.jobs.plan import DEFAULTS
 from sdbatch.jobs.report import add_report_arguments
 from sdbatch.jobs.train import add_train_arguments
 from sdbatch.safeguards import add_arguments as add_safeguard_arguments
 
 
-def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sdbatch.jobs", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="generate the images of a prompt table")
+def add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `run`, which `plan` takes too."""
     run.add_argument("prompts", help="Parquet file, folder or glob; local or fsspec URI (s3://...)")
     run.add_argument("--model", help="checkpoint (.safetensors/.ckpt) or diffusers folder; path or URI; or builtin:NAME "
                      "(default: builtin:shapes, sdbatch's small built-in demo model, not Stable Diffusion)")
@@ -49,7 +47,8 @@ def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
     run.add_argument("--no-ema", dest="ema", action="store_false",
                      help="a full checkpoint's raw U-Net weights instead of its EMA weights (the default); "
                           "diffusers and AUTOMATIC1111 use the raw ones")
-    run.add_argument("--overwrite", action="store_true", help="delete OUT's previous outputs first")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete OUT's previous outputs first (plan: plan as if OUT were empty)")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--metrics", action="store_true",
                      help="end with FID/IS/KID against --reference (OUT/metrics.json), taking each new "
@@ -58,7 +57,17 @@ def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
                      "as for the metrics command")
     run.add_argument("--inception-weights", metavar="PATH", help="with --metrics: as for the metrics command")
     add_safeguard_arguments(run)
-    run.set_defaults(handler=run_command)
+    return run
+
+
+def build_parser(with_metrics: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sdbatch.jobs", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, handler, what in (("run", run_command, "generate the images of a prompt table"),
+                                ("plan", plan_command, "print what run would do with the same options (images done, "
+                                                       "failed and to generate, batches by shape); starts nothing")):
+        add_run_arguments(sub.add_parser(name, help=what)).set_defaults(handler=handler)
 
     status = sub.add_parser("status", help="count done, errored and remaining rows of OUT")
     status.add_argument("output")

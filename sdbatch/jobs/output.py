@@ -119,12 +119,17 @@ def counts(out: Output, ids=None) -> tuple[int, int]:
                  for folder in ("manifest", "errors"))
 
 
-def summary(out: Output, ids: set[str], total: int) -> int:
+def summary(out: Output, ids, total: int) -> int:
+    """Prints a run's outcome for the table's ids (a pyarrow string array); returns its exit status."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     done, failed = counts(out, ids)
     remaining = max(0, total - done - failed)
     print(f"done: {done}, errored: {failed}, remaining: {remaining}", file=sys.stderr)
     print(f"images: {out.uri_of('images')}  manifest: {out.uri_of('manifest')}", file=sys.stderr)
-    flagged = len(out.flagged() & ids)
+    flagged = pa.array(sorted(out.flagged()), pa.string())
+    flagged = int(pc.sum(pc.is_in(flagged, value_set=ids)).as_py() or 0) if len(flagged) else 0
     if flagged:
         print(f"{flagged} images flagged by the safety checker: recorded with nsfw true, no image kept",
               file=sys.stderr)

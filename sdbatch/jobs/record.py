@@ -1,5 +1,5 @@
 """Recording a generation job's results: the actors' results turned into OUT/manifest and
-OUT/errors Parquet parts, each id at most once."""
+OUT/errors Parquet parts, each id at most once, with pyarrow (no Python object per image)."""
 
 from __future__ import annotations
 
@@ -7,66 +7,83 @@ import math
 import time
 from typing import Any
 
+import numpy as np
+
 from sdbatch.jobs.compact import Compactor
 from sdbatch.jobs.output import Output
-from sdbatch.jobs.plan import COLUMN_KINDS
 
 
 class Recorder:
-    """Turns the actors' results into manifest and error parts, each id at most once: the
-    first results at once, then every FLUSH_S seconds or FLUSH_ROWS rows, and at the end."""
+    """Turns the actors' results into manifest and error parts, each image at most once: the
+    first results at once, then every FLUSH_S seconds or FLUSH_ROWS rows, and at the end.
+
+    A block of results (GenerationActor's output) holds each image's plan columns (PLAN_COLUMNS,
+    row, plan_index, and `carried`, a struct of the table's other columns, when it has any) and
+    its result columns (actors.result_schema). `source` (plan.Source, or a pyarrow Table) gives
+    an error record its row's own columns. The driver holds one bit per image (`seen`) and the
+    rows not yet flushed."""
 
     FLUSH_ROWS, FLUSH_S = 512, 5.0
 
-    def __init__(self, out: Output, table, plan_rows: dict[str, dict[str, Any]]):
-        self.out, self.table, self.plan_rows = out, table, plan_rows
-        self.carried = [c for c in table.column_names if c not in COLUMN_KINDS]
-        self.recorded: set[str] = set()
-        self.done: list[dict[str, Any]] = []
-        self.failed: list[dict[str, Any]] = []
+    def __init__(self, out: Output, source, num_images: int):
+        self.out, self.source = out, source
+        self.seen = np.zeros(num_images, dtype=bool)  # by plan_index: a retried task can deliver an image again
+        self.done: list[Any] = []
+        self.failed: list[Any] = []
+        self.pending = 0
         self.model_hash: str | None = None
         self.last_flush = -math.inf  # the first results are recorded at once
         self.compactor = Compactor(out)  # merges the parts in the background as they pile up
 
-    def add(self, results: list[dict[str, Any]]) -> tuple[int, int]:
-        """Queues results; returns (new images, new errors)."""
-        ok = err = 0
-        for res in results:
-            if res["id"] in self.recorded:  # a retried task can deliver a row again
-                continue
-            self.recorded.add(res["id"])
-            self.model_hash = self.model_hash or res["model_hash"]
-            plan = self.plan_rows[res["id"]]
-            if res["error"] is None:
-                self.done.append(dict(plan, **{k: res[k] for k in ("image", "latent", "sha256", "model_hash", "seconds",
-                                                                    "worker", "nsfw", "watermark", "c2pa")}))
-                ok += 1
-            else:
-                self.failed.append(dict(id=res["id"], error=res["error"], row=plan["row"]))
-                err += 1
-        if len(self.done) + len(self.failed) >= self.FLUSH_ROWS or time.monotonic() - self.last_flush > self.FLUSH_S:
+    def add(self, block) -> tuple[int, int]:
+        """Queues a block of results (pyarrow Table); returns (new images, new errors)."""
+        import pyarrow.compute as pc
+
+        index = block.column("plan_index").to_numpy()
+        _, first = np.unique(index, return_index=True)
+        first = np.sort(first[~self.seen[index[first]]])
+        self.seen[index[first]] = True
+        block = block.take(first)
+        if self.model_hash is None and block.num_rows:
+            hashes = block.column("model_hash").drop_null()
+            self.model_hash = hashes[0].as_py() if len(hashes) else None
+        failed = pc.is_valid(block.column("error"))
+        done, errors = block.filter(pc.invert(failed)), block.filter(failed)
+        self.done += [done] if done.num_rows else []
+        self.failed += [errors] if errors.num_rows else []
+        self.pending += block.num_rows
+        if self.pending >= self.FLUSH_ROWS or time.monotonic() - self.last_flush > self.FLUSH_S:
             self.flush()
-        return ok, err
+        return done.num_rows, errors.num_rows
 
     def flush(self) -> None:
-        if self.done:
-            self.out.write_part("manifest", self.manifest_table(self.done))
-            self.compactor.wrote("manifest", len(self.done))
-            self.done = []
-        if self.failed:
-            self.out.write_part("errors", errors_table(self.failed, self.table))
-            self.compactor.wrote("errors", len(self.failed))
-            self.failed = []
-        self.last_flush = time.monotonic()
-
-    def manifest_table(self, rows: list[dict[str, Any]]):
         import pyarrow as pa
 
-        t = pa.Table.from_pylist(rows, schema=manifest_schema())
-        carried = self.table.take([r["row"] for r in rows]).select(self.carried)
-        for name in self.carried:
-            t = t.append_column(carried.schema.field(name), carried.column(name))
-        return t
+        if self.done:
+            rows = manifest_table(pa.concat_tables(self.done))
+            self.out.write_part("manifest", rows)
+            self.compactor.wrote("manifest", rows.num_rows)
+            self.done = []
+        if self.failed:
+            rows = errors_table(pa.concat_tables(self.failed), self.source)
+            self.out.write_part("errors", rows)
+            self.compactor.wrote("errors", rows.num_rows)
+            self.failed = []
+        self.pending = 0
+        self.last_flush = time.monotonic()
+
+
+def manifest_table(results):
+    """Manifest rows (manifest_schema, then the carried columns) from a table of results."""
+    import pyarrow.compute as pc
+
+    schema = manifest_schema()
+    table = results.select(schema.names).cast(schema)
+    if "carried" in results.column_names:
+        carried = results.column("carried")
+        for field in carried.type:
+            table = table.append_column(field, pc.struct_field(carried, field.name))
+    return table
 
 
 def manifest_schema():
@@ -81,13 +98,16 @@ def manifest_schema():
                       ("nsfw", pa.bool_()), ("watermark", pa.bool_()), ("c2pa", pa.bool_())])
 
 
-def errors_table(errors: list[dict[str, Any]], table):
-    """id, error, row (its position in the table), then the row's own columns (bar `id`)."""
+def errors_table(errors, table):
+    """id, error, row (its position in the table), then the row's own columns (bar `id`).
+    errors: a pyarrow Table with id, error and row (other columns ignored) or a list of such dicts;
+    table: what gives rows by position (`take`): a pyarrow Table or a plan.Source."""
     import pyarrow as pa
 
-    t = pa.Table.from_pylist(errors, schema=pa.schema([("id", pa.string()), ("error", pa.string()),
-                                                       ("row", pa.int64())]))
-    source = table.take([e["row"] for e in errors])
+    schema = pa.schema([("id", pa.string()), ("error", pa.string()), ("row", pa.int64())])
+    t = (errors.select(schema.names).cast(schema) if isinstance(errors, pa.Table)
+         else pa.Table.from_pylist(errors, schema=schema))
+    source = table.take(t.column("row").to_numpy())
     for name in source.column_names:
         if name != "id":
             t = t.append_column(source.schema.field(name), source.column(name))
