@@ -260,11 +260,10 @@ def open_source(uri: str, image_column: str = "image") -> Source:
 
 
 def _manifest_images(uri: str, fs, root: str) -> list[str]:
-    uris = []
-    for part in storage.list_files(fs, storage.join(root, "manifest"), ".parquet"):
-        column = storage.read_parquet(fs, part, columns=["image"]).column("image").to_pylist()
-        uris += [_resolve(fs, root, u) for u in column if u]
-    return uris
+    from sdbatch.jobs.output import Output  # the one reader of a job's OUT (compaction-aware)
+
+    table = Output(uri).read("manifest", columns=["image"])
+    return [] if table is None else [_resolve(fs, root, u) for u in table.column("image").to_pylist() if u]
 
 
 def _resolve(fs, folder: str, uri: str) -> str:
