@@ -222,6 +222,8 @@ class Plan:
 
     images: pyarrow Table (id string, seed int64, row int64), one row per image, in table order
       (a row's images in order j = 0, 1, ...). row: the image's row's position in the table.
+      seed: the row's seed + j, or null where it is derived from the id (`derive_seed(base_seed,
+      id)`, made by `columns` for the images asked for: hashing is the plan's slowest step).
     errors: pyarrow Table (id, error, row), in table order, then the blocklist's.
     values: per table row, each image setting (prompt, negative_prompt, steps, cfg_scale, sampler,
       width, height, init_image, strength) with the command's defaults filled in: a pyarrow array
@@ -235,6 +237,7 @@ class Plan:
     shape: np.ndarray
     shapes: list[tuple]
     num_rows: int
+    base_seed: int
 
     @property
     def total(self) -> int:
@@ -244,6 +247,7 @@ class Plan:
         """The images at `positions` (int64 indices into `images`) as a pyarrow Table of
         PLAN_COLUMNS + row, in the manifest's types."""
         import pyarrow as pa
+        import pyarrow.compute as pc
 
         images = self.images.take(positions)
         rows = images.column("row")
@@ -252,8 +256,15 @@ class Plan:
                      strength=pa.float64())
         cols = {}
         for name in PLAN_COLUMNS:
-            if name in ("id", "seed"):
+            if name == "id":
                 cols[name] = images.column(name)
+            elif name == "seed":
+                cols[name] = images.column(name).combine_chunks()
+                if cols[name].null_count:
+                    derived = np.asarray(pc.is_null(cols[name]))
+                    seeds = cols[name].fill_null(0).to_numpy(zero_copy_only=False).copy()
+                    seeds[derived] = derive_seeds(self.base_seed, images.column("id").filter(pa.array(derived)))
+                    cols[name] = pa.array(seeds)
             elif isinstance(self.values[name], (pa.Array, pa.ChunkedArray)):
                 cols[name] = self.values[name].take(rows)
             else:
@@ -511,30 +522,34 @@ def make_plan(table, settings: dict[str, Any], blocklist=None) -> Plan:
         seed, seed_valid = _int64s(raw["seed"])
         given = seed_valid[image_row]
         seeds[given] = seed[image_row[given]] + j[given]
-    if not given.all():
-        seeds[~given] = derive_seeds(settings["seed"], ids.filter(pa.array(~given)))
 
     errors.sort(key=lambda e: e[0])  # stable: a row's images stay in order
     if blocklist is not None and len(image_row):
-        image_row, ids, seeds, blocked = _block(values, image_row, ids, seeds, blocklist)
+        image_row, ids, seeds, given, blocked = _block(values, image_row, ids, seeds, given, blocklist)
         errors += blocked
     error_table = pa.table({"id": pa.array([e[1] for e in errors], pa.string()),
                             "error": pa.array([e[2] for e in errors], pa.string()),
                             "row": pa.array([e[0] for e in errors], pa.int64())})
-    images = pa.table({"id": ids, "seed": pa.array(seeds), "row": pa.array(image_row, pa.int64())})
+    images = pa.table({"id": ids, "seed": pa.array(seeds, mask=~given), "row": pa.array(image_row, pa.int64())})
     shape = np.full(n, -1, dtype=np.int32)
-    planned_rows = np.unique(image_row)
+    planned_rows = _distinct_sorted(image_row)
     ranks, shapes = _shape_ranks(values, planned_rows) if len(planned_rows) else (np.zeros(0, np.int32), [])
     shape[planned_rows] = ranks
-    return Plan(images=images, errors=error_table, values=values, shape=shape, shapes=shapes, num_rows=n)
+    return Plan(images=images, errors=error_table, values=values, shape=shape, shapes=shapes, num_rows=n,
+                base_seed=settings["seed"])
 
 
-def _block(values, image_row, ids, seeds, blocklist):
+def _distinct_sorted(values: np.ndarray) -> np.ndarray:
+    """np.unique of an array already sorted (numpy's own hashes, which is slower)."""
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
+
+
+def _block(values, image_row, ids, seeds, given, blocklist):
     """Images whose row's prompt or negative prompt a blocklist rule matches, moved to errors
     (naming the rule). Checks each row once (Python's re: a rule is a Python pattern)."""
     import pyarrow as pa
 
-    rows = np.unique(image_row)
+    rows = _distinct_sorted(image_row)
     prompts = values["prompt"].take(rows).to_pylist()
     negative = values["negative_prompt"]
     negatives = negative.take(rows).to_pylist() if isinstance(negative, pa.Array) else [negative] * len(rows)
@@ -546,7 +561,7 @@ def _block(values, image_row, ids, seeds, blocklist):
     errors = [(i, image_id, f"Row {i} (id {image_id!r}): {reason[i]}.")
               for i, image_id in zip(image_row[at].tolist(), ids.take(at).to_pylist())]
     keep = ~blocked
-    return image_row[keep], ids.filter(pa.array(keep)), seeds[keep], errors
+    return image_row[keep], ids.filter(pa.array(keep)), seeds[keep], given[keep], errors
 
 
 def shape_key(r: dict[str, Any]) -> tuple:
