@@ -144,6 +144,7 @@ def fit(settings: dict[str, Any], out: Output, groups: list[dict[str, Any]], row
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from sdbatch.jobs.pacing import PacedSchedulingLoop
     from sdbatch.jobs.train_data import training_dataset
 
     n, resources, threads = pool
@@ -151,6 +152,8 @@ def fit(settings: dict[str, Any], out: Output, groups: list[dict[str, Any]], row
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    if PacedSchedulingLoop not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(PacedSchedulingLoop)
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # table order: what makes a resumed run read what an uninterrupted one reads
     path, filesystem = ray_storage(out)
