@@ -502,7 +502,8 @@ def make_plan(table, settings: dict[str, Any], blocklist=None) -> Plan:
     count = np.where(k_valid[rows], k[rows], 1)
     image_row = np.repeat(rows, count)
     j = np.arange(len(image_row)) - np.repeat(np.cumsum(count) - count, count)
-    ids = base.take(image_row)
+    # every row planned, one image each: image_row is 0..n-1, the ids are the rows' own
+    ids = base if len(rows) == len(image_row) == n else base.take(image_row)
     suffixed = np.repeat(k_valid[rows], count)
     if suffixed.any():
         ids = pc.if_else(suffixed, pc.binary_join_element_wise(ids, pc.cast(pa.array(j), pa.string()), "-"), ids)
@@ -514,7 +515,8 @@ def make_plan(table, settings: dict[str, Any], blocklist=None) -> Plan:
     dups = np.flatnonzero(~first)
     errors += [(i, image_id, f"Row {i}: id {image_id!r} is already used by row {f}.") for i, image_id, f in
                zip(image_row[dups].tolist(), ids.take(dups).to_pylist(), image_row[firsts[codes[dups]]].tolist())]
-    image_row, j, ids = image_row[first], j[first], ids.filter(pa.array(first))
+    if len(dups):
+        image_row, j, ids = image_row[first], j[first], ids.filter(pa.array(first))
 
     seeds = np.zeros(len(image_row), dtype=np.int64)
     given = np.zeros(len(image_row), dtype=bool)
