@@ -19,9 +19,12 @@ from PIL import Image
 import sdbatch
 from sdbatch import builtin
 from sdbatch.data import adherence, shapes
+from sdbatch.errors import JobError
 from sdbatch.jobs import cli
+from sdbatch.jobs.common import check_model
 from sdbatch.model.training import CONFIGS
 from sdbatch.model.weights import CheckpointError, native_size, read_safetensors, save_checkpoint
+from sdbatch.serve.app import build
 from sdbatch.sheet import RIGHT, WRONG, contact_sheet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +58,7 @@ def test_builtin_shapes_loads_through_the_normal_path(shapes_file):
     assert model.config.vae == CONFIGS["shapes"].vae
     assert model.config.text_encoder == CONFIGS["shapes"].text_encoder
     assert native_size("builtin:shapes") == shapes.SIDE
+    assert check_model("builtin:shapes", "--init") == ("builtin:shapes", model.hash)  # as jobs run/train take it
     by_path = sdbatch.load_model(shapes_file)
     for (name, a), (_, b) in zip(model.unet.state_dict().items(), by_path.unet.state_dict().items()):
         assert torch.equal(a, b), name
@@ -69,6 +73,11 @@ def test_unknown_or_missing_builtin_names_the_model(tmp_path, monkeypatch, capsy
     assert rc == 2
     assert "--model builtin:nope: no such built-in model; sdbatch has builtin:shapes" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+    with pytest.raises(JobError, match=r"^--init builtin:nope: no such built-in model"):
+        check_model("builtin:nope", "--init")  # jobs train --init
+    with pytest.raises(ValueError, match=r"^builtin:nope: no such built-in model"):
+        build({"model": "builtin:nope"})  # serve, before Ray starts
 
     monkeypatch.setattr(builtin, "FOLDER", tmp_path / "empty")  # an install without the file
     with pytest.raises(CheckpointError, match=r"builtin:shapes: its file .*shapes\.safetensors is missing from this install"):
