@@ -188,3 +188,72 @@ def test_jobs_plan_exits_2_on_bad_input(tmp_path, capsys, table, message):
     assert cli.main(["plan", str(ROOT / "jobs/example_prompts.parquet"), "--output", str(tmp_path / "out"),
                      "--width", "60"]) == 2
     assert "--width 60 is not a positive multiple of 8" in capsys.readouterr().err
+
+
+def test_work_blocks_carry_each_batch_whole_with_its_carried_columns(tmp_path, monkeypatch):
+    from sdbatch.jobs import generate
+
+    table = mixed_table(400, seed=6)
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=50)
+    source = planning.Source(str(tmp_path / "t.parquet"))
+    plan = planning.make_plan(source.read(list(planning.COLUMN_KINDS)), SETTINGS)
+    batches = planning.make_batches(plan, 3)
+    done = plan.images.column("id").to_pylist()[::5]
+    work = planning.select_work(plan, batches, pa.array(done, pa.string()))
+    monkeypatch.setattr(generate, "MAX_BLOCKS", 7)  # several batches per block, several chunks
+    monkeypatch.setattr(generate, "CHUNK_BATCHES", 20)
+    blocks = list(generate.work_blocks(plan, work, source))
+    assert len(blocks) <= 7 + 1
+    got = [batch for block in blocks for batch in block.column("rows").to_pylist()]
+    want = [plan.rows(work.order[a:b]) for a, b in zip(work.starts[:-1], work.starts[1:])]
+    assert [[{k: v for k, v in r.items() if k in want[0][0]} for r in b] for b in got] == want
+    notes = table.column("note").to_pylist()
+    flat = [r for b in got for r in b]
+    assert [r["carried"] for r in flat] == [{"note": notes[r["row"]]} for r in flat]
+    assert [r["skip"] for r in flat] == [r["id"] in set(done) for r in flat]
+    assert [r["plan_index"] for r in flat] == work.order.tolist()
+
+
+def test_the_recorder_writes_each_image_once_with_carried_columns_and_error_rows(tmp_path):
+    from sdbatch.actors import result_schema
+    from sdbatch.jobs.output import Output
+    from sdbatch.jobs.record import Recorder
+
+    table = mixed_table(120, seed=7)
+    pq.write_table(table, tmp_path / "t.parquet")
+    source = planning.Source(str(tmp_path / "t.parquet"))
+    plan = planning.make_plan(source.read(list(planning.COLUMN_KINDS)), SETTINGS)
+    rows = plan.columns(np.arange(plan.images.num_rows))
+    n = rows.num_rows
+    carried = pa.StructArray.from_arrays([source.take(rows.column("row").to_numpy(), ["note"]).column("note")
+                                          .combine_chunks()], names=["note"])
+    failed = np.arange(n) % 7 == 3
+    results = pa.table({**{c: rows.column(c) for c in rows.column_names}, "plan_index": pa.array(np.arange(n)),
+                        "carried": carried,
+                        **{f.name: pa.array([None] * n, f.type) for f in result_schema() if f.name != "id"}})
+    results = results.set_column(results.schema.get_field_index("error"), "error",
+                                 pa.array([f"broken {i}" if f else None for i, f in enumerate(failed)]))
+    results = results.set_column(results.schema.get_field_index("model_hash"), "model_hash", pa.array(["h"] * n))
+    out = Output(str(tmp_path / "out"))
+    recorder = Recorder(out, source, n)
+    recorder.FLUSH_ROWS = 10
+    half = n // 2
+    assert recorder.add(results.slice(0, half)) == (int((~failed[:half]).sum()), int(failed[:half].sum()))
+    again = pa.concat_tables([results.slice(half - 5, 10), results.slice(half - 5, 10)])  # delivered twice
+    assert recorder.add(again) == (int((~failed[half:half + 5]).sum()), int(failed[half:half + 5].sum()))
+    recorder.add(results.slice(half + 5))
+    recorder.flush()
+    assert recorder.model_hash == "h"
+    manifest, errors = out.read("manifest"), out.read("errors")
+    assert sorted(manifest.column("id").to_pylist()) == sorted(np.array(rows.column("id").to_pylist())[~failed])
+    assert manifest.column_names[-1] == "note"
+    by_id = {r["id"]: r for r in manifest.to_pylist()}
+    for r in rows.to_pylist():
+        if r["id"] in by_id:
+            assert {k: by_id[r["id"]][k] for k in r if k != "row"} == {k: v for k, v in r.items() if k != "row"}
+            assert by_id[r["id"]]["note"] == f"carried {r['row']}"
+    assert errors.num_rows == failed.sum()
+    for e in errors.to_pylist():  # an error row holds the table row's own columns, as in the table
+        assert e["error"].startswith("broken") and e["note"] == f"carried {e['row']}"
+        assert e["prompt"] == table.column("prompt")[e["row"]].as_py()
+        assert e["width"] == table.column("width")[e["row"]].as_py()
