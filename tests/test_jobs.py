@@ -276,7 +276,7 @@ def test_table_model_and_outputs_on_s3(ray_head, tiny_safetensors, tmp_path, cap
     assert run(args[0], args[1], args[2])[0] == 0
     # (pyarrow 26 may abort at exit after threaded reads from Python file objects: no threads)
     m = pa.concat_tables([pq.read_table(fs.open(p), use_threads=False)
-                          for p in fs.ls("jobs/out/manifest")]).to_pandas()
+                          for p in fs.glob("jobs/out/manifest/*.parquet")]).to_pandas()
     assert sorted(m["id"]) == ["00000000", "00000001", "00000002"] and sorted(m["tag"]) == ["x", "y", "z"]
     for uri, digest in zip(m["image"], m["sha256"]):
         assert uri.startswith("s3://jobs/out/images/")
@@ -409,5 +409,5 @@ def test_transient_storage_errors_are_retried(ray_head, s3_endpoint, tiny_safete
     assert proxy.failed == 6  # the faults happened...
     assert rc == 0            # ...and the job got through them
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
-    ids = pa.concat_tables([pq.read_table(fs.open(p), use_threads=False) for p in fs.ls("flaky/out/manifest")])["id"]
+    ids = pa.concat_tables([pq.read_table(fs.open(p), use_threads=False) for p in fs.glob("flaky/out/manifest/*.parquet")])["id"]
     assert sorted(ids.to_pylist()) == ["00000000", "00000001"]
