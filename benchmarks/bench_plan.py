@@ -135,6 +135,8 @@ def main() -> None:
     with open("/tmp/sdbatch-bench.lock", "w") as lock, tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
         fcntl.flock(lock, fcntl.LOCK_EX)
         load = os.getloadavg()[0]
+        # the command's own cost (imports, the model's check, which imports torch) on a 6-row table
+        base = run_measured([*jobs, "plan", str(ROOT / "jobs/example_prompts.parquet"), "--output", str(Path(tmp) / "o")])
         for n in args.rows:
             table, out = Path(tmp) / f"t{n}.parquet", Path(tmp) / f"out{n}"
             make_table(table, n)
@@ -155,6 +157,8 @@ def main() -> None:
         rec = run_measured([sys.executable, "-c", RECORDER, str(args.recorder_rows)])
         rec_cpu, rec_wall = map(float, rec["stdout"].split())
     print(f"\nCPU: {cpu}; load average {load:.1f} when started (2 cores shared with other work)")
+    print(f"baseline: jobs plan of a 6-row table: {base['wall_s']:.1f} s, {base['cpu_s']:.1f} CPU s, "
+          f"{base['rss_mb']:.0f} MB peak RSS")
     print(f"{'rows':>10} {'plan s':>8} {'(CPU s)':>8} {'RSS MB':>8} {'resume s':>9} {'(CPU s)':>8} {'RSS MB':>8} "
           f"{'status s':>9} {'old plan s':>10} {'old RSS MB':>10}")
     for r in results:
