@@ -231,9 +231,10 @@ class Source:
 
 
 def open_source(uri: str, image_column: str = "image") -> Source:
-    """Lists a job's OUT, a folder of images, a Parquet table of images or a .npz statistics file.
+    """Lists a folder of images, a Parquet table of images or a .npz statistics file (a job's OUT,
+    the images its manifest lists: `sdbatch.jobs.metrics.open_source`).
 
-    Order: job and folder images sorted by URI (a folder therefore in torch-fidelity's order),
+    Order: folder images sorted by URI (a folder therefore in torch-fidelity's order),
     a table's rows in table order (files sorted by name)."""
     if uri.endswith(".npz"):
         return Source(uri, "stats", stats=load_stats(uri))
@@ -244,11 +245,6 @@ def open_source(uri: str, image_column: str = "image") -> Source:
         if path.endswith(".parquet"):
             return _table_source(uri, fs, [path], image_column)
         raise MetricsError(f"{uri} is not a folder of images, a job's output, a Parquet table or a .npz file")
-    if storage.exists(fs, storage.join(path, "manifest")):
-        uris = _manifest_images(uri, fs, path)
-        if not uris:
-            raise MetricsError(f"{uri}: the job's manifest lists no images")
-        return Source(uri, "job", uris=sorted(uris))
     files = sorted(storage.retry(fs.find, path))
     images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
     if images:
@@ -259,14 +255,7 @@ def open_source(uri: str, image_column: str = "image") -> Source:
     raise MetricsError(f"{uri} holds no images ({', '.join(IMAGE_EXTENSIONS)}), Parquet files or job manifest")
 
 
-def _manifest_images(uri: str, fs, root: str) -> list[str]:
-    from sdbatch.jobs.output import Output  # the one reader of a job's OUT (compaction-aware)
-
-    table = Output(uri).read("manifest", columns=["image"])
-    return [] if table is None else [_resolve(fs, root, u) for u in table.column("image").to_pylist() if u]
-
-
-def _resolve(fs, folder: str, uri: str) -> str:
+def resolve_uri(fs, folder: str, uri: str) -> str:
     """A URI as written in a table: absolute ones as they are, relative ones from `folder`."""
     if "://" in uri or uri.startswith("/"):
         return uri
@@ -309,7 +298,7 @@ def shard_items(spec: tuple) -> list[tuple[str, Any]]:
         if isinstance(v, dict):  # the Hugging Face datasets Image struct: {bytes, path}
             v = v.get("bytes") or v.get("path")
         if isinstance(v, str):
-            v = _resolve(fs, folder, v)
+            v = resolve_uri(fs, folder, v)
         items.append((f"{file_uri} row {row}", v))
     return items
 

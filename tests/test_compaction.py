@@ -82,7 +82,7 @@ def normal(rows: list[dict]) -> list[dict]:
 
 
 def check_readers(uri: str, expected: dict, capsys) -> None:
-    from sdbatch import inception
+    from sdbatch.jobs import metrics as jobs_metrics
 
     out = Output(uri)
     for folder, rows in expected.items():
@@ -96,7 +96,7 @@ def check_readers(uri: str, expected: dict, capsys) -> None:
     capsys.readouterr()
     assert jobs_cli.main(["status", uri]) == 0
     assert capsys.readouterr().out == "done: 20\nerrored: 6\nremaining: 7\n"
-    assert inception.open_source(uri).uris == sorted(r["image"] for r in expected["manifest"])
+    assert jobs_metrics.open_source(uri).uris == sorted(r["image"] for r in expected["manifest"])
 
 
 def check_compacted(folder: Path) -> None:

@@ -259,7 +259,7 @@ def test_sources_list_images_in_torch_fidelity_order(data, tmp_path):
     assert folder.kind == "folder" and folder.count == N_REF
     uris = [u for _, spec in folder.shards(3) for u in spec[1]]
     assert uris == folder.uris == sorted(str(p) for p in data["ref"].glob("*.png"))
-    job = inception.open_source(str(data["bad"]))
+    job = metrics_job.open_source(str(data["bad"]))
     assert job.kind == "job" and job.count == N_GEN + 2 and [s for s, _ in job.shards(5)] == [0, 5, 10]
     table = inception.open_source(str(data["table"]))
     assert table.kind == "table" and [s for s, _ in table.shards(4)] == [0, 4, 8]

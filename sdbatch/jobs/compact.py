@@ -34,13 +34,22 @@ import posixpath
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sdbatch import storage
 from sdbatch.errors import JobError
 
-if TYPE_CHECKING:
-    from sdbatch.jobs.output import Output
+
+
+class Output(Protocol):
+    """What compaction uses of a job's OUT (`sdbatch.jobs.output.Output`, which calls this module)."""
+
+    uri: str
+    fs: Any
+
+    def path(self, *parts: str) -> str: ...
+
+    def uri_of(self, *parts: str) -> str: ...
 
 T = TypeVar("T")
 

@@ -31,14 +31,30 @@ from typing import Any
 
 import numpy as np
 
-from sdbatch import storage
+from sdbatch import inception, storage
 from sdbatch.inception import (WEIGHTS_ENV, InceptionWeights, Source, auto_shard_size, load_inception_weights,
-                               open_source, resolve_inception_weights)
+                               resolve_inception_weights, resolve_uri)
 from sdbatch.jobs.common import actor_pool, ray_session
+from sdbatch.jobs.output import Output
 from sdbatch.metrics import (FEATURE_DIM, NUM_CLASSES, FidStats, MetricsError, frechet_distance, inception_score,
                              kernel_inception_distance, save_stats, split_of_rank)
 
 MAX_LISTED_ERRORS = 100
+
+
+def open_source(uri: str, image_column: str = "image") -> Source:
+    """`inception.open_source`, where a job's OUT (a folder with a manifest) is the images its
+    manifest lists, sorted by URI, read through `Output` (which leaves out what a compaction in
+    progress replaces) rather than the files of its folder. Raises MetricsError when it lists none."""
+    if not uri.endswith(".npz"):
+        out = Output(uri)
+        if storage.exists(out.fs, out.path("manifest")):
+            table = out.read("manifest", columns=["image"])
+            uris = [] if table is None else [resolve_uri(out.fs, out.root, u) for u in table.column("image").to_pylist() if u]
+            if not uris:
+                raise MetricsError(f"{uri}: the job's manifest lists no images")
+            return Source(uri, "job", uris=sorted(uris))
+    return inception.open_source(uri, image_column)
 
 
 @dataclass
