@@ -15,6 +15,14 @@ from sdbatch.blocklist import Blocklist
 from sdbatch.jobs import cli, plan as planning
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    """A tiny random-weight checkpoint: `jobs plan` checks its --model as `run` does."""
+    from sdbatch.model.weights import save_random_checkpoint
+
+    return str(save_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny.safetensors"))
 SETTINGS = dict(planning.DEFAULTS, steps=2, width=64, height=64)
 
 
@@ -138,12 +146,13 @@ def test_source_reads_columns_and_takes_rows_across_files(tmp_path):
     assert source.take(np.array([], np.int64), ["id"]).num_rows == 0
 
 
-def test_jobs_plan_prints_what_run_would_do_and_starts_nothing(tmp_path, capsys):
+def test_jobs_plan_prints_what_run_would_do_and_starts_nothing(tmp_path, capsys, model):
     table = mixed_table(300, seed=5)
     pq.write_table(table, tmp_path / "t.parquet")
     out = tmp_path / "out"
-    command = ["plan", str(tmp_path / "t.parquet"), "--output", str(out), "--batch-size", "3", "--steps", "2"]
-    settings = dict(planning.DEFAULTS, steps=2, width=64, height=64)  # builtin:shapes' native size
+    command = ["plan", str(tmp_path / "t.parquet"), "--output", str(out), "--batch-size", "3", "--steps", "2",
+               "--model", model, "--width", "64", "--height", "64"]
+    settings = dict(planning.DEFAULTS, steps=2, width=64, height=64)
     old = reference.make_plan(table, settings)
     assert cli.main(command) == 0
     printed = capsys.readouterr().out
@@ -179,14 +188,14 @@ def test_jobs_plan_prints_what_run_would_do_and_starts_nothing(tmp_path, capsys)
     ({"text": ["a"]}, r"has no 'prompt' column"),
     ({"prompt": ["a"], "row": [1]}, r"column 'row' clashes"),
 ])
-def test_jobs_plan_exits_2_on_bad_input(tmp_path, capsys, table, message):
+def test_jobs_plan_exits_2_on_bad_input(tmp_path, capsys, table, message, model):
     path = tmp_path / (table if isinstance(table, str) else "t.parquet")
     if not isinstance(table, str):
         pq.write_table(pa.table(table), path)
-    assert cli.main(["plan", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert cli.main(["plan", str(path), "--output", str(tmp_path / "out"), "--model", model]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert cli.main(["plan", str(ROOT / "jobs/example_prompts.parquet"), "--output", str(tmp_path / "out"),
-                     "--width", "60"]) == 2
+                     "--model", model, "--width", "60"]) == 2
     assert "--width 60 is not a positive multiple of 8" in capsys.readouterr().err
 
 
