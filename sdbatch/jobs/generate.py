@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -163,9 +164,10 @@ class Job:
     def todo(self) -> int:
         return int((~self.work.skip).sum())
 
-    @property
+    @functools.cached_property
     def table_ids(self):
-        """The ids of every image and error of the table (pyarrow string array; repeats possible)."""
+        """The ids of every image and error of the table (pyarrow string array; repeats possible),
+        built once: prepare, an interrupted run and the summary all ask for them."""
         import pyarrow as pa
 
         return pa.chunked_array(self.plan.images.column("id").chunks + self.plan.errors.column("id").chunks,
